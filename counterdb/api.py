@@ -1,0 +1,284 @@
+"""
+The HTTP API: a Klein resource tree over a :class:`Node` and its :class:`Cluster`.
+
+Counter values are plain-text decimal integers; every error is JSON
+``{"error": "..."}`` with a 4xx status saying what was wrong, or 500 for
+the unexpected (logged with the request it came from).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from klein import Klein
+from klein.resource import KleinResource
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from counterdb.actors import ConfigError
+from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_name, validate_partials
+from counterdb.node import Node, Overflow, StoreUnavailable
+from counterdb.sync import Cluster, ConsistencyTimeout
+
+#: Largest request body accepted (a setsync or push of many counters fits).
+MAX_BODY_BYTES = 1024 * 1024
+#: Largest ?timeout= a consistent read accepts, in seconds.
+MAX_READ_TIMEOUT = 24 * 3600.0
+#: Largest number of entries one GET /sync answer may be asked for.
+MAX_SYNC_LIMIT = 100_000
+
+
+class ClientError(Exception):
+    """A request we refuse, with the status and message to answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class CounterAPI:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, node: Node, cluster: Cluster) -> None:
+        self.node = node
+        self.cluster = cluster
+
+    def resource(self) -> KleinResource:
+        return self.app.resource()
+
+    # -- cluster configuration ----------------------------------------------
+
+    @app.route("/config", methods=["POST"])
+    def post_config(self, request: IRequest) -> Deferred[bytes]:
+        body = _read_json(request)
+        if not isinstance(body, dict) or "actors" not in body:
+            raise ClientError(400, 'expected a JSON object like {"actors": ["10.0.0.1", "10.0.0.2:8080"]}')
+        d = self.cluster.configure(body["actors"])
+        d.addCallback(lambda membership: _json(request, membership.as_json()))
+        d.addErrback(_config_error)
+        return d
+
+    @app.route("/config", methods=["GET"])
+    def get_config(self, request: IRequest) -> bytes:
+        membership = self.cluster.membership
+        info = membership.as_json() if membership else {"index": 0, "self": None, "actors": []}
+        info["replica"] = self.node.replica_id
+        return _json(request, info)
+
+    # -- counters ------------------------------------------------------------
+
+    @app.route("/counter/<name>", methods=["POST"])
+    def increment(self, request: IRequest, name: str) -> Deferred[bytes]:
+        name = _counter_name(name)
+        amount = _parse_amount(_read_body(request))
+        if amount > MAX_COUNT:
+            raise ClientError(400, f"the increment must be at most {MAX_COUNT}")
+        d = self.node.increment(name, amount)
+        d.addCallback(lambda total: _text(request, total))
+        d.addErrback(_increment_error)
+        return d
+
+    @app.route("/counter/<name>/value", methods=["GET"])
+    def value(self, request: IRequest, name: str) -> bytes:
+        return _text(request, self.node.value(_counter_name(name)))
+
+    @app.route("/counter/<name>/consistent_value", methods=["GET"])
+    def consistent_value(self, request: IRequest, name: str) -> Deferred[bytes]:
+        name = _counter_name(name)
+        timeout = _timeout_arg(request)
+        d = self.cluster.consistent_value(name, timeout)
+        d.addCallback(lambda total: _text(request, total))
+        d.addErrback(_read_timeout, request)
+        return d
+
+    @app.route("/counter/<name>/getsync", methods=["GET"])
+    def getsync(self, request: IRequest, name: str) -> bytes:
+        name = _counter_name(name)
+        return _json(request, {"name": name, "partials": self.node.partials(name)})
+
+    @app.route("/counter/<name>/setsync", methods=["POST"])
+    def setsync(self, request: IRequest, name: str) -> bytes:
+        name = _counter_name(name)
+        body = _read_json(request)
+        if not isinstance(body, dict) or "partials" not in body:
+            raise ClientError(400, 'expected a JSON object like {"partials": {"<replica id>": 5}}')
+        if body.get("name", name) != name:
+            raise ClientError(400, f"state is for counter {body['name']!r}, not {name!r}")
+        try:
+            partials = validate_partials(body["partials"])
+        except InvalidState as e:
+            raise ClientError(400, str(e)) from None
+        self.node.merge({name: partials})
+        return _json(request, {"name": name, "partials": self.node.partials(name)})
+
+    # -- node-level sync (extension: what polls and pushes use) --------------
+
+    @app.route("/sync", methods=["GET"])
+    def get_changes(self, request: IRequest) -> bytes:
+        since = _int_arg(request, b"since", 0, 0, 2**63)
+        limit = _int_arg(request, b"limit", 10_000, 1, MAX_SYNC_LIMIT)
+        epoch = _str_arg(request, b"epoch")
+        return _json(request, self.node.changes_since(since, epoch, limit))
+
+    @app.route("/sync", methods=["POST"])
+    def post_changes(self, request: IRequest) -> bytes:
+        body = _read_json(request)
+        if not isinstance(body, dict) or "counters" not in body:
+            raise ClientError(400, 'expected a JSON object like {"counters": {"<name>": {"<replica id>": 5}}}')
+        try:
+            counters = validate_counters(body["counters"])
+        except InvalidState as e:
+            raise ClientError(400, str(e)) from None
+        grown = self.node.merge(counters)
+        return _json(request, {"merged": sum(len(p) for p in grown.values())})
+
+    # -- errors --------------------------------------------------------------
+
+    @app.handle_errors(Exception)
+    def error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        if isinstance(error, ClientError):
+            return _error(request, error.code, error.message)
+        if isinstance(error, NotFound):
+            return _error(request, 404, f"no such resource: {request.path.decode('latin-1')}")
+        if isinstance(error, MethodNotAllowed):
+            allowed = ", ".join(error.valid_methods or [])
+            request.setHeader(b"Allow", allowed.encode("ascii"))
+            return _error(request, 405, f"method {request.method.decode('latin-1')} not allowed here; use {allowed}")
+        if isinstance(error, HTTPException):
+            return _error(request, error.code or 400, error.description or "bad request")
+        if type(error).__name__ == "URLDecodeError":
+            return _error(request, 400, "the URL path is not valid UTF-8")
+        self.log.failure(
+            "unexpected error answering {method} {path}",
+            failure,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+        )
+        return _error(request, 500, "internal error; the node logged the details")
+
+
+def _error(request: IRequest, code: int, message: str) -> bytes:
+    request.setResponseCode(code)
+    return _json(request, {"error": message})
+
+
+def _json(request: IRequest, obj: Any) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(obj).encode("utf-8")
+
+
+def _text(request: IRequest, number: int) -> bytes:
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return str(number).encode("ascii")
+
+
+def _counter_name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except ValueError as e:
+        raise ClientError(400, str(e)) from None
+
+
+def _read_body(request: IRequest) -> bytes:
+    length = request.getHeader(b"content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise ClientError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    body = request.content.read(MAX_BODY_BYTES + 1) if request.content else b""
+    if len(body) > MAX_BODY_BYTES:
+        raise ClientError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    return body
+
+
+def _read_json(request: IRequest) -> Any:
+    try:
+        return json.loads(_read_body(request))
+    except (ValueError, UnicodeDecodeError):
+        raise ClientError(400, "request body must be JSON") from None
+
+
+def _parse_amount(body: bytes) -> int:
+    """Body of an increment: empty (+1), a decimal integer, or {"addValue": n}."""
+    text = body.strip()
+    if not text:
+        return 1
+    if text.isdigit():
+        return int(text)
+    expected = 'expected an empty body, a non-negative integer like 5, or {"addValue": 5}'
+    try:
+        decoded = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise ClientError(400, f"cannot read the increment: {expected}") from None
+    if isinstance(decoded, dict) and set(decoded) == {"addValue"}:
+        decoded = decoded["addValue"]
+    if isinstance(decoded, bool) or not isinstance(decoded, int):
+        raise ClientError(400, f"the increment must be a whole number: {expected}")
+    if decoded < 0:
+        raise ClientError(400, "the increment must not be negative: counters only grow")
+    return decoded
+
+
+def _arg(request: IRequest, key: bytes) -> bytes | None:
+    values = (request.args or {}).get(key)
+    return values[0] if values else None
+
+
+def _str_arg(request: IRequest, key: bytes) -> str | None:
+    raw = _arg(request, key)
+    return raw.decode("utf-8", "replace") if raw is not None else None
+
+
+def _int_arg(request: IRequest, key: bytes, default: int, low: int, high: int) -> int:
+    raw = _arg(request, key)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ClientError(400, f"{key.decode()} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _timeout_arg(request: IRequest) -> float | None:
+    raw = _arg(request, b"timeout")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_READ_TIMEOUT:  # also rejects nan and inf
+        raise ClientError(400, f"timeout must be a number of seconds above 0 and at most {MAX_READ_TIMEOUT:g}")
+    return seconds
+
+
+def _config_error(failure: Failure) -> None:
+    failure.trap(ConfigError)
+    raise ClientError(400, str(failure.value))
+
+
+def _increment_error(failure: Failure) -> None:
+    if failure.check(Overflow):
+        raise ClientError(400, str(failure.value))
+    if failure.check(StoreUnavailable):
+        raise ClientError(503, str(failure.value))
+    failure.raiseException()
+
+
+def _read_timeout(failure: Failure, request: IRequest) -> bytes:
+    failure.trap(ConsistencyTimeout)
+    error = failure.value
+    request.setResponseCode(504)
+    return _json(
+        request,
+        {
+            "error": f"not every host answered in time: no answer from {', '.join(error.missing)}",
+            "missing": error.missing,
+            "best_value": error.value,
+        },
+    )

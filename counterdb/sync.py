@@ -1,0 +1,410 @@
+"""
+Peer sync: pushing changes, polling for them, and consistent reads.
+
+Each peer gets one :class:`PeerLink`. After a local increment the counter is
+marked dirty for every link; a link keeps at most one push in flight and
+sends whatever became dirty meanwhile in the next one, so a burst of
+increments costs a handful of requests. A failed push is retried with
+exponential backoff and jitter up to a limit; after that the peer is left to
+polling until a poll reaches it again. Independently, every link polls its
+peer for the entries that changed since the last poll (``GET /sync``), so an
+update that reached any live host spreads to all.
+
+Everything that waits does so on an injected clock, and every peer request
+goes through an injected treq-like client with a timeout, so the whole module
+runs under ``task.Clock`` and ``treq.testing.StubTreq`` in tests.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Protocol
+
+import attrs
+import treq
+from urllib.parse import quote
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from counterdb.actors import (
+    Actor,
+    ConfigError,
+    identify_self,
+    is_local_address,
+    parse_actors,
+    resolve_host,
+)
+from counterdb.crdt import Partials, validate_counters, validate_partials
+from counterdb.node import Node
+
+log = Logger()
+
+
+@attrs.frozen
+class SyncSettings:
+    poll_interval: float = 1.0
+    push_retries: int = 8
+    backoff_initial: float = 0.05
+    backoff_max: float = 5.0
+    peer_timeout: float = 5.0
+    poll_batch: int = 10_000  # entries per GET /sync answer
+
+
+@attrs.frozen
+class Identity:
+    """What this node knows about its own address, to find itself in a config."""
+
+    listen_port: int
+    interface: str | None = None
+    advertise: Actor | None = None
+
+
+class ConsistencyTimeout(Exception):
+    def __init__(self, missing: list[str], value: int) -> None:
+        super().__init__(f"no answer from {', '.join(missing)}")
+        self.missing = missing
+        self.value = value
+
+
+class HTTPClient(Protocol):
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+
+def backoff_delay(attempt: int, settings: SyncSettings, rng: random.Random) -> float:
+    """Delay before retry number ``attempt`` (0-based): exponential, capped,
+    with "equal jitter" (between half and all of the step) so that nodes
+    retrying after the same outage do not retry in lockstep."""
+    step = min(settings.backoff_max, settings.backoff_initial * 2**attempt)
+    return step / 2 + rng.uniform(0, step / 2)
+
+
+class PeerError(Exception):
+    """A peer answered, but not with what the protocol promises."""
+
+
+class PeerClient:
+    """The HTTP calls one node makes to one peer, each with a timeout."""
+
+    def __init__(self, http: HTTPClient, base_url: str, clock: IReactorTime, timeout: float) -> None:
+        self.http = http
+        self.base_url = base_url
+        self.clock = clock
+        self.timeout = timeout
+
+    def get_changes(self, since: int, epoch: str | None) -> Deferred[dict[str, Any]]:
+        params = {"since": str(since), "epoch": epoch or ""}
+        return self._call(self.http.get(f"{self.base_url}/sync", params=params))
+
+    def push(self, counters: dict[str, Partials]) -> Deferred[dict[str, Any]]:
+        return self._call(self.http.post(f"{self.base_url}/sync", json={"counters": counters}))
+
+    def get_counter(self, name: str) -> Deferred[dict[str, Any]]:
+        quoted = _quote_segment(name)
+        return self._call(self.http.get(f"{self.base_url}/counter/{quoted}/getsync"))
+
+    def _call(self, request: Deferred[Any]) -> Deferred[dict[str, Any]]:
+        d = request.addCallback(self._json_body)
+        d.addTimeout(self.timeout, self.clock)
+        return d
+
+    def _json_body(self, response: Any) -> Deferred[dict[str, Any]]:
+        if response.code != 200:
+            return treq.content(response).addCallback(self._refuse, response.code)
+        return treq.json_content(response)
+
+    def _refuse(self, body: bytes, code: int) -> None:
+        raise PeerError(f"{self.base_url} answered {code}: {body[:200]!r}")
+
+
+class PeerLink:
+    """Push, poll and consistent-read fetches towards one peer."""
+
+    def __init__(
+        self,
+        node: Node,
+        actor: Actor,
+        client: PeerClient,
+        clock: IReactorTime,
+        settings: SyncSettings,
+        rng: random.Random,
+    ) -> None:
+        self.node = node
+        self.actor = actor
+        self.client = client
+        self.clock = clock
+        self.settings = settings
+        self.rng = rng
+        self.dirty: set[str] = set()
+        self.pushes_sent = 0
+        self.reachable: bool | None = None  # unknown until the first exchange
+        self._pushing: Deferred[None] | None = None
+        self._given_up = False
+        self._since = 0
+        self._epoch: str | None = None
+        self._poller = LoopingCall(self.poll_once)
+        self._poller.clock = clock
+        self._polling: Deferred[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._polling = self._poller.start(self.settings.poll_interval, now=True)
+        self._polling.addErrback(lambda f: log.failure("poller for {peer} stopped", f, peer=self.actor.entry))
+
+    def stop(self) -> None:
+        if self._poller.running:
+            self._poller.stop()
+        if self._pushing is not None:
+            self._pushing.cancel()
+
+    # -- push ----------------------------------------------------------------
+
+    def mark_dirty(self, names: set[str]) -> None:
+        self.dirty |= names
+        if self._pushing is None and not self._given_up:
+            self._pushing = Deferred.fromCoroutine(self._push_until_clean())
+            self._pushing.addErrback(lambda f: f.trap(CancelledError))
+
+    async def _push_until_clean(self) -> None:
+        attempt = 0
+        try:
+            while self.dirty:
+                batch, self.dirty = self.dirty, set()
+                try:
+                    self.pushes_sent += 1
+                    await self.client.push({name: self.node.partials(name) for name in batch})
+                except CancelledError:
+                    self.dirty |= batch
+                    raise
+                except Exception as e:
+                    self.dirty |= batch
+                    self._note_unreachable(e)
+                    if attempt >= self.settings.push_retries:
+                        log.warn(
+                            "giving up pushing to {peer} after {n} retries; polling will catch up",
+                            peer=self.actor.entry,
+                            n=attempt,
+                        )
+                        self._given_up = True
+                        return
+                    await deferLater(self.clock, backoff_delay(attempt, self.settings, self.rng))
+                    attempt += 1
+                else:
+                    attempt = 0
+                    self._note_reachable()
+        finally:
+            self._pushing = None
+
+    # -- poll ----------------------------------------------------------------
+
+    def poll_once(self) -> Deferred[None]:
+        """Fetch what changed on the peer since the last poll (never fails)."""
+        return Deferred.fromCoroutine(self._poll())
+
+    async def _poll(self) -> None:
+        # Bounded: a peer with more changes than fit one answer is drained
+        # over a few rounds instead of in one unbounded loop.
+        for _ in range(10):
+            try:
+                answer = await self.client.get_changes(self._since, self._epoch)
+                counters = validate_counters(answer.get("counters"))
+                version, epoch, more = int(answer["version"]), str(answer["epoch"]), bool(answer.get("more"))
+            except CancelledError:
+                raise
+            except Exception as e:
+                self._note_unreachable(e)
+                return
+            self.node.merge(counters)
+            self._since, self._epoch = version, epoch
+            self._note_reachable()
+            if not more:
+                return
+
+    # -- consistent reads ----------------------------------------------------
+
+    async def fetch_counter(self, name: str) -> Partials:
+        """The peer's state of ``name``, retrying with backoff until it
+        answers or the caller cancels."""
+        attempt = 0
+        while True:
+            try:
+                answer = await self.client.get_counter(name)
+                return validate_partials(answer.get("partials"))
+            except CancelledError:
+                raise
+            except Exception as e:
+                self._note_unreachable(e)
+            await deferLater(self.clock, backoff_delay(attempt, self.settings, self.rng))
+            attempt += 1
+
+    # -- reachability --------------------------------------------------------
+
+    def _note_reachable(self) -> None:
+        if self.reachable is not True:
+            log.info("peer {peer} is reachable", peer=self.actor.entry)
+        self.reachable = True
+        if self._given_up:
+            self._given_up = False
+            if self.dirty:
+                self.mark_dirty(set())
+
+    def _note_unreachable(self, error: Exception) -> None:
+        if self.reachable is not False:
+            log.warn("peer {peer} is unreachable: {error}", peer=self.actor.entry, error=error)
+        self.reachable = False
+
+
+@attrs.frozen
+class Membership:
+    actors: tuple[Actor, ...]
+    self_index: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "index": self.self_index,
+            "self": self.actors[self.self_index].entry,
+            "actors": [a.entry for a in self.actors],
+        }
+
+
+class Cluster:
+    """This node's view of the cluster: membership, peer links, consistent reads."""
+
+    def __init__(
+        self,
+        node: Node,
+        http: HTTPClient,
+        clock: IReactorTime,
+        identity: Identity,
+        settings: SyncSettings = SyncSettings(),
+        resolve: Callable[[str], set[str]] | None = None,
+        is_local: Callable[[str], bool] | None = None,
+        run_blocking: Callable[..., Deferred[Any]] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node = node
+        self.http = http
+        self.clock = clock
+        self.identity = identity
+        self.settings = settings
+        self._resolve = resolve or resolve_host
+        self._is_local = is_local or is_local_address
+        self._run_blocking = run_blocking or maybeDeferred
+        self.rng = rng or random.Random()
+        self.membership: Membership | None = None
+        self.links: dict[str, PeerLink] = {}  # keyed by peer base URL
+        self._running = False
+        node.on_local_change(self._local_change)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        for link in self.links.values():
+            link.start()
+
+    def stop(self) -> None:
+        self._running = False
+        for link in self.links.values():
+            link.stop()
+
+    # -- membership ----------------------------------------------------------
+
+    def configure(self, entries: Any, in_thread: bool = True) -> Deferred[Membership]:
+        """Validate and apply an actors list; fails with ConfigError and then
+        changes nothing. Finding ourselves may resolve names, so it runs in a
+        thread unless ``in_thread`` is false (at start-up, before serving)."""
+        try:
+            actors = parse_actors(entries, self.identity.listen_port)
+        except ConfigError as e:
+            return fail(e)
+        run = self._run_blocking if in_thread else maybeDeferred
+        d = run(
+            identify_self,
+            actors,
+            self.identity.listen_port,
+            self.identity.interface,
+            self.identity.advertise,
+            self._resolve,
+            self._is_local,
+        )
+        d.addCallback(lambda index: Membership(tuple(actors), index))
+        d.addCallback(self._persist_membership)
+        return d
+
+    def _persist_membership(self, membership: Membership) -> Deferred[Membership]:
+        d = self.node.store.write_config([a.entry for a in membership.actors])
+        d.addCallback(lambda _: self._apply_membership(membership))
+        return d
+
+    def _apply_membership(self, membership: Membership) -> Membership:
+        port = self.identity.listen_port
+        wanted = {
+            actor.base_url(port): actor
+            for i, actor in enumerate(membership.actors)
+            if i != membership.self_index
+        }
+        for url in list(self.links):
+            if url not in wanted:
+                self.links.pop(url).stop()
+        for url, actor in wanted.items():
+            if url not in self.links:
+                self.links[url] = self._new_link(actor, url)
+        self.membership = membership
+        log.info("configured: {actors}, this node is #{index}", actors=[a.entry for a in membership.actors], index=membership.self_index)
+        return membership
+
+    def _new_link(self, actor: Actor, url: str) -> PeerLink:
+        client = PeerClient(self.http, url, self.clock, self.settings.peer_timeout)
+        link = PeerLink(self.node, actor, client, self.clock, self.settings, self.rng)
+        if self._running:
+            link.start()
+        # Whatever this node holds is news to a peer it has just met.
+        link.mark_dirty(set(self.node.table.names()))
+        return link
+
+    # -- sync ----------------------------------------------------------------
+
+    def _local_change(self, names: set[str]) -> None:
+        for link in self.links.values():
+            link.mark_dirty(names)
+
+    def consistent_value(self, name: str, timeout: float | None) -> Deferred[int]:
+        """The total of ``name`` after every peer reported its state.
+
+        Includes every increment acknowledged by any host before the call.
+        Without ``timeout`` it waits as long as it takes; cancelling the
+        returned Deferred cancels every fetch.
+        """
+        return Deferred.fromCoroutine(self._consistent_value(name, timeout))
+
+    async def _consistent_value(self, name: str, timeout: float | None) -> int:
+        missing = {link.actor.entry for link in self.links.values()}
+
+        def merged(partials: Partials, link: PeerLink) -> None:
+            self.node.merge({name: partials})
+            missing.discard(link.actor.entry)
+
+        fetches = [
+            Deferred.fromCoroutine(link.fetch_counter(name)).addCallback(merged, link)
+            for link in self.links.values()
+        ]
+        everyone: Deferred[Any] = gatherResults(fetches, consumeErrors=True)
+        if timeout is not None:
+            everyone.addTimeout(timeout, self.clock)
+        try:
+            await everyone
+        except Exception as e:
+            if missing and isinstance(e, TimeoutError):
+                raise ConsistencyTimeout(sorted(missing), self.node.value(name)) from None
+            raise
+        return self.node.value(name)
+
+
+def _quote_segment(name: str) -> str:
+    return quote(name, safe="")

@@ -1,0 +1,112 @@
+"""
+The twistd command line: ``twistd counterdb --port 8080 ...``.
+
+``Options`` parses and checks the flags; ``makeService`` builds the
+:class:`~counterdb.service.CounterDBService` from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from counterdb.actors import ConfigError, parse_actor, parse_actors
+from counterdb.service import CounterDBService, ServiceConfig
+from counterdb.sync import SyncSettings
+
+_DEFAULTS = SyncSettings()
+
+
+def _positive(kind: type) -> Any:
+    def coerce(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    coerce.coerceDoc = "Must be greater than 0."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run one counterdb node. Every node of a cluster gets the same actors "
+        "list (--actors or POST /config) and finds its own entry in it."
+    )
+    optParameters = [
+        [
+            "port",
+            "p",
+            "8080",
+            "Port number, or a Twisted server endpoint description "
+            "(tcp:8080:interface=10.0.0.5, ssl:8443:privateKey=key.pem, systemd:domain=INET:index=0).",
+        ],
+        ["interface", None, None, "Bind address when --port is a plain number (default: all)."],
+        ["advertise", None, None, "This node's entry in the actors list (HOST[:PORT]), when it cannot be derived."],
+        ["data-dir", "d", "./counterdb-data", "Directory holding this node's data."],
+        ["actors", None, None, "Comma-separated actors list to start with (same meaning as POST /config)."],
+        ["poll-interval", None, _DEFAULTS.poll_interval, "Seconds between polls of each peer.", _positive(float)],
+        ["push-retries", None, _DEFAULTS.push_retries, "Retries of a failed push before leaving a peer to polling.", _non_negative_int],
+        ["backoff-initial", None, _DEFAULTS.backoff_initial, "First retry delay in seconds.", _positive(float)],
+        ["backoff-max", None, _DEFAULTS.backoff_max, "Largest retry delay in seconds.", _positive(float)],
+        ["peer-timeout", None, _DEFAULTS.peer_timeout, "Seconds before a peer request is abandoned.", _positive(float)],
+    ]
+
+    def postOptions(self) -> None:
+        self["endpoint"] = self._endpoint_description()
+        try:
+            serverFromString(reactor, self["endpoint"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--port {self['port']!r} is not a usable endpoint: {e}")
+        if self["backoff-max"] < self["backoff-initial"]:
+            raise usage.UsageError("--backoff-max must not be smaller than --backoff-initial")
+        try:
+            if self["advertise"] is not None:
+                self["advertise"] = parse_actor(self["advertise"])
+            if self["actors"] is not None:
+                entries = [e.strip() for e in self["actors"].split(",")]
+                parse_actors(entries, default_port=1)  # syntax only; port-aware checks at start
+                self["actors"] = entries
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+    def _endpoint_description(self) -> str:
+        port = self["port"]
+        if port.isdigit():
+            if not 0 <= int(port) <= 65535:
+                raise usage.UsageError(f"--port {port} is not a port number (0 to 65535)")
+            interface = self["interface"]
+            # Colons in an IPv6 interface must be escaped in endpoint strings.
+            return f"tcp:{port}" + (f":interface={interface.replace(':', chr(92) + ':')}" if interface else "")
+        if self["interface"]:
+            raise usage.UsageError("--interface goes with a plain --port number; put interface= in the endpoint instead")
+        return port
+
+
+def makeService(options: Options) -> CounterDBService:
+    settings = SyncSettings(
+        poll_interval=options["poll-interval"],
+        push_retries=options["push-retries"],
+        backoff_initial=options["backoff-initial"],
+        backoff_max=options["backoff-max"],
+        peer_timeout=options["peer-timeout"],
+    )
+    config = ServiceConfig(
+        endpoint=options["endpoint"],
+        data_dir=options["data-dir"],
+        advertise=options["advertise"],
+        actors=options["actors"],
+        sync=settings,
+    )
+    return CounterDBService(config)
