@@ -166,9 +166,11 @@ class PeerLink:
 
     def mark_dirty(self, names: set[str]) -> None:
         self.dirty |= names
-        if self._pushing is None and not self._given_up:
-            self._pushing = Deferred.fromCoroutine(self._push_until_clean())
-            self._pushing.addErrback(lambda f: f.trap(CancelledError))
+        if self._pushing is None and self.dirty and not self._given_up:
+            pushing = Deferred.fromCoroutine(self._push_until_clean())
+            pushing.addErrback(lambda f: f.trap(CancelledError))
+            # A push that finished synchronously has already cleared the slot.
+            self._pushing = None if pushing.called else pushing
 
     async def _push_until_clean(self) -> None:
         attempt = 0

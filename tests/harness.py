@@ -1,0 +1,154 @@
+"""
+In-memory clusters for unit tests: every node's Klein resource behind one
+``StubTreq``, routed by the Host header, on one ``task.Clock``. No sockets,
+no real time: ``net.settle()`` delivers everything that can be delivered now,
+``net.clock.advance(s)`` moves time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.web.resource import ErrorPage, Resource
+from twisted.web.server import NOT_DONE_YET
+
+from counterdb.api import CounterAPI
+from counterdb.node import Node
+from counterdb.store import MemoryStore, Store
+from counterdb.sync import Cluster, Identity, SyncSettings
+
+PORT = 8080
+FAST = SyncSettings(poll_interval=1.0, push_retries=3, backoff_initial=0.1, backoff_max=1.0, peer_timeout=2.0)
+
+
+class _Hang(Resource):
+    """A host that accepts requests and never answers (a SIGSTOPped node)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render(self, request: Any) -> object:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class Router(Resource):
+    """Sends each request to the resource of the host named in its Host header."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hosts: dict[str, Resource] = {}
+        self.state: dict[str, str] = {}  # host -> "up" | "down" | "hung"
+        self.hung = _Hang()
+        self.seen: list[tuple[str, str, str]] = []  # (host, method, path)
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
+        host = request.getHeader(b"host").decode().rsplit(":", 1)[0]
+        self.seen.append((host, request.method.decode(), request.uri.decode()))
+        # Give the consumed segment back: the node's resource routes the whole path.
+        request.postpath.insert(0, request.prepath.pop())
+        state = self.state.get(host, "down")
+        if state == "hung":
+            return self.hung
+        if state == "down" or host not in self.hosts:
+            return ErrorPage(503, "unreachable", f"{host} is down in this test")
+        return self.hosts[host]
+
+
+@attrs.define
+class SimNode:
+    host: str
+    node: Node
+    cluster: Cluster
+    api: CounterAPI
+    store: Store
+
+
+class FakeNet:
+    def __init__(self, settings: SyncSettings = FAST) -> None:
+        self.clock = Clock()
+        self.router = Router()
+        self.http = StubTreq(self.router)
+        self.settings = settings
+        self.nodes: dict[str, SimNode] = {}
+
+    def add(self, host: str, store: Store | None = None, start: bool = True) -> SimNode:
+        store = store or MemoryStore()
+        node = Node(store)
+        cluster = Cluster(
+            node,
+            self.http,
+            self.clock,
+            Identity(listen_port=PORT, interface=host),
+            self.settings,
+            resolve=lambda h: {h},
+            is_local=lambda ip: False,
+        )
+        api = CounterAPI(node, cluster)
+        self.router.hosts[host] = api.resource()
+        self.router.state[host] = "up"
+        if start:
+            cluster.start()
+        test_node = SimNode(host, node, cluster, api, store)
+        self.nodes[host] = test_node
+        return test_node
+
+    def cluster_of(self, *hosts: str) -> list[SimNode]:
+        nodes = [self.add(h) for h in hosts]
+        for n in nodes:
+            self.result(n.cluster.configure(list(hosts)))
+        self.settle()
+        return nodes
+
+    def settle(self, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            self.http.flush()
+            self.clock.advance(0)
+
+    def run(self, seconds: float, step: float = 0.05) -> None:
+        """Let ``seconds`` of fake time pass in small steps, delivering as we go."""
+        steps = int(round(seconds / step))
+        for _ in range(steps):
+            self.clock.advance(step)
+            self.settle(3)
+
+    def result(self, d: Deferred[Any]) -> Any:
+        """The result of a Deferred that must have fired by now."""
+        self.settle()
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        assert outcome, "the Deferred has not fired"
+        if hasattr(outcome[0], "raiseException"):
+            outcome[0].raiseException()
+        return outcome[0]
+
+    # -- HTTP as a client sees it -------------------------------------------
+
+    def request(self, method: str, host: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, bytes]:
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        d = self.http.request(method, f"http://{host}:{PORT}{path}", data=body, **kwargs)
+        response = self.result(d)
+        content = self.result(response.content())
+        return response.code, content
+
+    def increment(self, host: str, name: str, body: Any = None) -> int:
+        code, content = self.request("POST", host, f"/counter/{quote(name, safe='')}", body)
+        assert code == 200, content
+        return int(content)
+
+    def value(self, host: str, name: str) -> int:
+        code, content = self.request("GET", host, f"/counter/{quote(name, safe='')}/value")
+        assert code == 200, content
+        return int(content)
