@@ -24,10 +24,11 @@ import attrs
 import treq
 from urllib.parse import quote
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, FirstError, fail, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from counterdb.actors import (
     Actor,
@@ -108,9 +109,9 @@ class PeerClient:
         return self._call(self.http.get(f"{self.base_url}/counter/{quoted}/getsync"))
 
     def _call(self, request: Deferred[Any]) -> Deferred[dict[str, Any]]:
-        d = request.addCallback(self._json_body)
-        d.addTimeout(self.timeout, self.clock)
-        return d
+        answer = _cancellable(request.addCallback(self._json_body))
+        answer.addTimeout(self.timeout, self.clock)
+        return answer
 
     def _json_body(self, response: Any) -> Deferred[dict[str, Any]]:
         if response.code != 200:
@@ -142,6 +143,7 @@ class PeerLink:
         self.dirty: set[str] = set()
         self.pushes_sent = 0
         self.reachable: bool | None = None  # unknown until the first exchange
+        self._push_soon: IDelayedCall | None = None
         self._pushing: Deferred[None] | None = None
         self._given_up = False
         self._since = 0
@@ -159,6 +161,9 @@ class PeerLink:
     def stop(self) -> None:
         if self._poller.running:
             self._poller.stop()
+        if self._push_soon is not None:
+            self._push_soon.cancel()
+            self._push_soon = None
         if self._pushing is not None:
             self._pushing.cancel()
 
@@ -166,11 +171,17 @@ class PeerLink:
 
     def mark_dirty(self, names: set[str]) -> None:
         self.dirty |= names
-        if self._pushing is None and self.dirty and not self._given_up:
-            pushing = Deferred.fromCoroutine(self._push_until_clean())
-            pushing.addErrback(lambda f: f.trap(CancelledError))
-            # A push that finished synchronously has already cleared the slot.
-            self._pushing = None if pushing.called else pushing
+        if self.dirty and not self._given_up and self._push_soon is None and self._pushing is None:
+            # Wait for the end of this reactor turn: everything marked dirty
+            # in the same turn (a burst of requests) goes in one push.
+            self._push_soon = self.clock.callLater(0, self._start_pushing)
+
+    def _start_pushing(self) -> None:
+        self._push_soon = None
+        pushing = Deferred.fromCoroutine(self._push_until_clean())
+        pushing.addErrback(lambda f: f.trap(CancelledError))
+        # A push that finished synchronously has already cleared the slot.
+        self._pushing = None if pushing.called else pushing
 
     async def _push_until_clean(self) -> None:
         attempt = 0
@@ -397,15 +408,52 @@ class Cluster:
             for link in self.links.values()
         ]
         everyone: Deferred[Any] = gatherResults(fetches, consumeErrors=True)
-        if timeout is not None:
-            everyone.addTimeout(timeout, self.clock)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            everyone.cancel()
+
+        deadline = self.clock.callLater(timeout, expire) if timeout is not None else None
         try:
             await everyone
-        except Exception as e:
-            if missing and isinstance(e, TimeoutError):
+        except FirstError:
+            # Fetches retry until they succeed: they only stop when cancelled,
+            # by the deadline or by our caller going away.
+            if expired:
                 raise ConsistencyTimeout(sorted(missing), self.node.value(name)) from None
-            raise
+            raise CancelledError() from None
+        finally:
+            if deadline is not None and deadline.active():
+                deadline.cancel()
         return self.node.value(name)
+
+
+def _cancellable(inner: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred that mirrors ``inner`` but fails with ``CancelledError``
+    when cancelled. A cancelled treq request fails with
+    ``ResponseNeverReceived`` instead, which retry loops would mistake for
+    an unreachable peer and retry, outliving the caller that gave up."""
+    cancelled = False
+
+    def cancel(_: Deferred[Any]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        inner.cancel()
+
+    outer: Deferred[Any] = Deferred(cancel)
+
+    def forward(result: Any) -> None:
+        if cancelled:
+            return  # outer already failed with CancelledError
+        if isinstance(result, Failure):
+            outer.errback(result)
+        else:
+            outer.callback(result)
+
+    inner.addBoth(forward)
+    return outer
 
 
 def _quote_segment(name: str) -> str:

@@ -15,7 +15,8 @@ import attrs
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.web.resource import ErrorPage, Resource
+from twisted.web.pages import errorPage
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from counterdb.api import CounterAPI
@@ -44,23 +45,24 @@ class _Hang(Resource):
 class Router(Resource):
     """Sends each request to the resource of the host named in its Host header."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
         super().__init__()
+        self.clock = clock
         self.hosts: dict[str, Resource] = {}
         self.state: dict[str, str] = {}  # host -> "up" | "down" | "hung"
         self.hung = _Hang()
-        self.seen: list[tuple[str, str, str]] = []  # (host, method, path)
+        self.seen: list[tuple[float, str, str, str]] = []  # (time, host, method, uri)
 
     def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
         host = request.getHeader(b"host").decode().rsplit(":", 1)[0]
-        self.seen.append((host, request.method.decode(), request.uri.decode()))
+        self.seen.append((self.clock.seconds(), host, request.method.decode(), request.uri.decode()))
         # Give the consumed segment back: the node's resource routes the whole path.
         request.postpath.insert(0, request.prepath.pop())
         state = self.state.get(host, "down")
         if state == "hung":
             return self.hung
         if state == "down" or host not in self.hosts:
-            return ErrorPage(503, "unreachable", f"{host} is down in this test")
+            return errorPage(503, "unreachable", f"{host} is down in this test")
         return self.hosts[host]
 
 
@@ -76,7 +78,7 @@ class SimNode:
 class FakeNet:
     def __init__(self, settings: SyncSettings = FAST) -> None:
         self.clock = Clock()
-        self.router = Router()
+        self.router = Router(self.clock)
         self.http = StubTreq(self.router)
         self.settings = settings
         self.nodes: dict[str, SimNode] = {}
@@ -121,6 +123,19 @@ class FakeNet:
             self.clock.advance(step)
             self.settle(3)
 
+    @staticmethod
+    def fired(d: Deferred[Any]) -> bool:
+        """Whether ``d`` has a result now (``d.called`` is also true while it
+        waits on a chained Deferred)."""
+        seen: list[object] = []
+
+        def note(result: object) -> object:
+            seen.append(result)
+            return result
+
+        d.addBoth(note)
+        return bool(seen)
+
     def result(self, d: Deferred[Any]) -> Any:
         """The result of a Deferred that must have fired by now."""
         self.settle()
@@ -132,6 +147,10 @@ class FakeNet:
         return outcome[0]
 
     # -- HTTP as a client sees it -------------------------------------------
+
+    def requests_to(self, host: str, method: str, prefix: str) -> list[float]:
+        """When requests to ``host`` whose URI starts with ``prefix`` arrived."""
+        return [t for t, h, m, uri in self.router.seen if h == host and m == method and uri.startswith(prefix)]
 
     def request(self, method: str, host: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, bytes]:
         if body is not None and not isinstance(body, (bytes, str)):

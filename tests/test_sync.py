@@ -1,0 +1,237 @@
+"""Push, poll, backoff and consistent reads, on task.Clock with StubTreq."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from harness import FAST, FakeNet
+from twisted.internet.defer import CancelledError
+
+from counterdb.sync import SyncSettings, backoff_delay
+
+A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+
+
+@pytest.fixture
+def net() -> FakeNet:
+    return FakeNet()
+
+
+def values(net: FakeNet, name: str) -> list[int]:
+    return [net.value(h, name) for h in (A, B, C)]
+
+
+# -- push ----------------------------------------------------------------------
+
+
+def test_increment_reaches_every_peer_by_push_without_waiting_for_a_poll(net: FakeNet) -> None:
+    net.cluster_of(A, B, C)
+    net.increment(A, "c", "2")
+    net.increment(B, "c", "3")
+    net.settle()  # no clock advance: only pushes can have carried it
+    assert values(net, "c") == [5, 5, 5]
+
+
+def test_a_burst_of_increments_costs_a_handful_of_pushes(net: FakeNet) -> None:
+    nodes = net.cluster_of(A, B, C)
+    before = len(net.requests_to(B, "POST", "/sync"))
+    for i in range(10_000):
+        nodes[0].node.increment(f"c{i % 10}", 1)
+    net.settle()
+    pushes = len(net.requests_to(B, "POST", "/sync")) - before
+    assert 1 <= pushes <= 3
+    assert sum(net.value(B, f"c{i}") for i in range(10)) == 10_000
+
+
+def test_at_most_one_push_in_flight_per_peer(net: FakeNet) -> None:
+    nodes = net.cluster_of(A, B, C)
+    net.router.state[B] = "hung"
+    before = len(net.router.hung.requests)
+    for _ in range(100):
+        nodes[0].node.increment("c", 1)
+        net.settle(1)
+    # One push to B hangs; nothing else is sent to B until it times out.
+    pushes_to_b = [r for r in net.router.hung.requests[before:] if r.method == b"POST"]
+    assert len(pushes_to_b) == 1
+    assert net.value(C, "c") == 100  # the hung peer did not hold C back
+
+
+def test_failed_pushes_back_off_exponentially_with_jitter_then_give_up(net: FakeNet) -> None:
+    settings = FAST  # retries=3, initial=0.1, max=1.0
+    nodes = net.cluster_of(A, B, C)
+    net.router.state[B] = "down"
+    start = net.clock.seconds()
+    nodes[0].node.increment("c", 1)
+    net.run(10)
+    attempts = [t for t in net.requests_to(B, "POST", "/sync") if t >= start]
+    assert len(attempts) == settings.push_retries + 1
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    for n, gap in enumerate(gaps):
+        step = min(settings.backoff_max, settings.backoff_initial * 2**n)
+        assert step / 2 - 0.051 <= gap <= step + 0.051, (n, gap, step)
+    # Given up: more increments do not start another round of pushes...
+    nodes[0].node.increment("c", 1)
+    net.run(5)
+    assert len([t for t in net.requests_to(B, "POST", "/sync") if t >= start]) == len(attempts)
+    # ...until a poll reaches B again; then the dirty counters go out at once.
+    net.router.state[B] = "up"
+    net.run(settings.poll_interval + 0.1)
+    assert net.value(B, "c") == 2
+
+
+def test_backoff_delay_is_capped_and_jittered() -> None:
+    settings = SyncSettings(backoff_initial=0.05, backoff_max=5.0)
+    rng = random.Random(7)
+    for attempt in range(20):
+        step = min(5.0, 0.05 * 2**attempt)
+        samples = [backoff_delay(attempt, settings, rng) for _ in range(50)]
+        assert all(step / 2 <= s <= step for s in samples)
+        assert len(set(samples)) > 1  # jittered, not lockstep
+
+
+def test_a_peer_that_comes_back_gets_everything_it_missed(net: FakeNet) -> None:
+    net.cluster_of(A, B, C)
+    net.router.state[C] = "down"
+    for i in range(5):
+        net.increment(A, "c", "1")
+        net.increment(B, "d", "1")
+    net.router.state[C] = "up"
+    net.run(2)
+    assert net.value(C, "c") == 5 and net.value(C, "d") == 5
+
+
+# -- poll ----------------------------------------------------------------------
+
+
+def test_polling_spreads_what_pushes_did_not_carry(net: FakeNet) -> None:
+    net.cluster_of(A, B, C)
+    # setsync merges do not push: only polls can spread this.
+    net.request("POST", B, "/counter/c/setsync", {"partials": {"elsewhere": 4}})
+    assert net.value(A, "c") == 0
+    net.run(FAST.poll_interval + 0.1)
+    assert values(net, "c") == [4, 4, 4]
+
+
+def test_polls_ask_only_for_changes_since_the_last_answer(net: FakeNet) -> None:
+    net.cluster_of(A, B, C)
+    for i in range(50):
+        net.request("POST", B, f"/counter/n{i}/setsync", {"partials": {"x": 1}})
+    net.run(FAST.poll_interval + 0.1)
+    net.request("POST", B, "/counter/n7/setsync", {"partials": {"x": 2}})
+    polls_before = len(net.requests_to(B, "GET", "/sync"))
+    net.run(FAST.poll_interval)
+    polls = [uri for t, h, m, uri in net.router.seen if h == B and m == "GET" and uri.startswith("/sync")]
+    assert len(polls) > polls_before
+    last_since = int(polls[-1].split("since=")[1].split("&")[0])
+    answer = json.loads(net.request("GET", B, polls[-1])[1])
+    # The poll that carried the change asked from where the previous one
+    # ended, so its answer held only the one counter that changed.
+    assert last_since >= 50 and answer["counters"] == {"n7": {"x": 2}}
+    assert net.value(A, "n7") == 2
+
+
+def test_changes_spread_through_a_third_node(net: FakeNet) -> None:
+    """A reaches C only through B: polls forward what B learnt."""
+    net.cluster_of(A, B, C)
+    net.router.state[C] = "down"
+    net.increment(A, "c", "6")
+    net.router.state[C] = "up"
+    net.router.state[A] = "down"  # C can no longer ask A itself
+    net.run(FAST.poll_interval * 2 + 0.1)
+    assert net.value(C, "c") == 6
+
+
+# -- consistent reads ------------------------------------------------------------
+
+
+def test_consistent_value_includes_increments_no_push_delivered(net: FakeNet) -> None:
+    net.cluster_of(A, B, C)
+    net.router.state[A] = net.router.state[C] = "down"
+    net.increment(B, "c", "7")  # its pushes fail
+    net.router.state[A] = net.router.state[C] = "up"
+    assert net.value(A, "c") == 0
+    code, content = net.request("GET", A, "/counter/c/consistent_value")
+    assert (code, content) == (200, b"7")
+
+
+def test_consistent_value_waits_for_a_hung_host_then_answers(net: FakeNet) -> None:
+    nodes = net.cluster_of(A, B, C)
+    net.increment(C, "c", "4")
+    net.router.state[C] = "hung"
+    net.increment(A, "c", "1")
+    read = nodes[0].cluster.consistent_value("c", None)
+    net.run(30)
+    assert not net.fired(read)
+    net.router.state[C] = "up"
+    net.run(FAST.backoff_max + FAST.peer_timeout + 0.5)
+    assert net.result(read) == 5
+
+
+def test_consistent_value_timeout_is_504_naming_missing_hosts(net: FakeNet) -> None:
+    net.cluster_of(A, B, C)
+    net.increment(B, "c", "2")
+    net.router.state[C] = "hung"
+    d = net.http.get(f"http://{A}:8080/counter/c/consistent_value?timeout=3")
+    net.run(2.9)
+    assert not net.fired(d)
+    net.run(0.2)
+    response = net.result(d)
+    body = json.loads(net.result(response.content()))
+    assert response.code == 504
+    assert body["missing"] == [C]
+    assert body["best_value"] == 2
+    assert C in body["error"]
+
+
+def test_cancelled_consistent_read_stops_fetching(net: FakeNet) -> None:
+    nodes = net.cluster_of(A, B, C)
+    net.router.state[C] = "down"
+    read = nodes[0].cluster.consistent_value("c", None)
+    net.run(3)
+    read.cancel()
+    failures: list[object] = []
+    read.addErrback(failures.append)
+    assert failures and failures[0].check(CancelledError)
+    fetches = len(net.requests_to(C, "GET", "/counter/c/getsync"))
+    net.run(60)
+    assert len(net.requests_to(C, "GET", "/counter/c/getsync")) == fetches
+
+
+# -- membership ----------------------------------------------------------------------
+
+
+def test_reordering_the_actors_list_never_mixes_up_counts(net: FakeNet) -> None:
+    net.cluster_of(A, B, C)
+    net.increment(A, "c", "1")
+    net.increment(B, "c", "10")
+    net.increment(C, "c", "100")
+    net.settle()
+    for host in (A, B, C):
+        code, _ = net.request("POST", host, "/config", {"actors": [C, A, B]})
+        assert code == 200
+    net.increment(A, "c", "1")
+    net.settle()
+    assert values(net, "c") == [112, 112, 112]
+    replica_a = net.nodes[A].node.replica_id
+    assert json.loads(net.request("GET", C, "/counter/c/getsync")[1])["partials"][replica_a] == 2
+
+
+def test_a_node_added_later_receives_existing_counters(net: FakeNet) -> None:
+    net.cluster_of(A, B)
+    net.increment(A, "c", "3")
+    net.add(C)
+    for host in (A, B, C):
+        net.request("POST", host, "/config", {"actors": [A, B, C]})
+    net.settle()
+    assert net.value(C, "c") == 3
+
+
+def test_stopped_cluster_sends_nothing(net: FakeNet) -> None:
+    nodes = net.cluster_of(A, B)
+    for n in nodes:
+        n.cluster.stop()
+    seen = len(net.router.seen)
+    net.run(10)
+    assert len(net.router.seen) == seen
