@@ -36,8 +36,9 @@ class InvalidState(ValueError):
 
 def merge(a: Mapping[str, int], b: Mapping[str, int]) -> Partials:
     """The element-wise maximum of two states: commutative, associative and
-    idempotent, so states can be exchanged in any order, any number of times."""
-    merged = dict(a)
+    idempotent, so states can be exchanged in any order, any number of times.
+    A missing replica counts as 0, so zero entries are left out."""
+    merged = {replica: count for replica, count in a.items() if count > 0}
     for replica, count in b.items():
         if count > merged.get(replica, 0):
             merged[replica] = count

@@ -20,22 +20,23 @@ from counterdb.sync import SyncSettings
 _DEFAULTS = SyncSettings()
 
 
-def _positive(kind: type) -> Any:
-    def coerce(text: str) -> Any:
-        value = kind(text)
-        if not value > 0:
-            raise ValueError("must be greater than 0")
-        return value
-
-    coerce.coerceDoc = "Must be greater than 0."  # type: ignore[attr-defined]
-    return coerce
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"expected a number of seconds greater than 0, got {text!r}")
     return value
+
+
+_seconds.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"expected a whole number, 0 or more, got {text!r}")
+    return int(text)
 
 
 class Options(usage.Options):
@@ -56,17 +57,19 @@ class Options(usage.Options):
         ["advertise", None, None, "This node's entry in the actors list (HOST[:PORT]), when it cannot be derived."],
         ["data-dir", "d", "./counterdb-data", "Directory holding this node's data."],
         ["actors", None, None, "Comma-separated actors list to start with (same meaning as POST /config)."],
-        ["poll-interval", None, _DEFAULTS.poll_interval, "Seconds between polls of each peer.", _positive(float)],
-        ["push-retries", None, _DEFAULTS.push_retries, "Retries of a failed push before leaving a peer to polling.", _non_negative_int],
-        ["backoff-initial", None, _DEFAULTS.backoff_initial, "First retry delay in seconds.", _positive(float)],
-        ["backoff-max", None, _DEFAULTS.backoff_max, "Largest retry delay in seconds.", _positive(float)],
-        ["peer-timeout", None, _DEFAULTS.peer_timeout, "Seconds before a peer request is abandoned.", _positive(float)],
+        ["poll-interval", None, _DEFAULTS.poll_interval, "Seconds between polls of each peer.", _seconds],
+        ["push-retries", None, _DEFAULTS.push_retries, "Retries of a failed push before leaving a peer to polling.", _count],
+        ["backoff-initial", None, _DEFAULTS.backoff_initial, "First retry delay in seconds.", _seconds],
+        ["backoff-max", None, _DEFAULTS.backoff_max, "Largest retry delay in seconds.", _seconds],
+        ["peer-timeout", None, _DEFAULTS.peer_timeout, "Seconds before a peer request is abandoned.", _seconds],
     ]
 
     def postOptions(self) -> None:
         self["endpoint"] = self._endpoint_description()
         try:
             serverFromString(reactor, self["endpoint"])
+        except IndexError:  # systemd: no socket with that index was passed to us
+            raise usage.UsageError(f"--port {self['port']!r}: systemd passed no such socket (LISTEN_FDS)")
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--port {self['port']!r} is not a usable endpoint: {e}")
         if self["backoff-max"] < self["backoff-initial"]:

@@ -1,0 +1,115 @@
+"""Merge laws (hypothesis) and the delta bookkeeping of the counter table."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from counterdb.crdt import MAX_COUNT, CounterTable, InvalidState, merge, validate_counters, value
+
+replicas = st.sampled_from(["r1", "r2", "r3", "r4", "r5"])
+states = st.dictionaries(replicas, st.integers(min_value=0, max_value=MAX_COUNT), max_size=5)
+
+
+@given(states, states)
+def test_merge_is_commutative(a: dict[str, int], b: dict[str, int]) -> None:
+    assert merge(a, b) == merge(b, a)
+
+
+@given(states, states, states)
+def test_merge_is_associative(a: dict[str, int], b: dict[str, int], c: dict[str, int]) -> None:
+    assert merge(merge(a, b), c) == merge(a, merge(b, c))
+
+
+def canonical(state: dict[str, int]) -> dict[str, int]:
+    """A missing replica and a replica at 0 are the same state."""
+    return {replica: count for replica, count in state.items() if count > 0}
+
+
+@given(states)
+def test_merge_is_idempotent(a: dict[str, int]) -> None:
+    assert merge(a, a) == canonical(a)
+    assert merge(merge(a, a), a) == merge(a, a)
+
+
+@given(states, states)
+def test_merge_never_decreases_any_partial(a: dict[str, int], b: dict[str, int]) -> None:
+    merged = merge(a, b)
+    for replica in set(a) | set(b):
+        assert merged.get(replica, 0) == max(a.get(replica, 0), b.get(replica, 0))
+    assert value(merged) >= max(value(a), value(b))
+
+
+@given(st.lists(states, min_size=1, max_size=6), st.randoms())
+def test_any_delivery_order_and_duplication_converges(deliveries: list[dict[str, int]], rnd: object) -> None:
+    """Replicas that saw the same updates, in any order and any number of
+    times, agree: nothing is lost and nothing is counted twice."""
+    shuffled = deliveries * 2
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]
+    in_order: dict[str, int] = {}
+    for s in deliveries:
+        in_order = merge(in_order, s)
+    any_order: dict[str, int] = {}
+    for s in shuffled:
+        any_order = merge(any_order, s)
+    assert any_order == in_order
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), states), max_size=20))
+def test_table_merge_matches_pure_merge(updates: list[tuple[str, dict[str, int]]]) -> None:
+    table = CounterTable()
+    expected: dict[str, dict[str, int]] = {}
+    for name, state in updates:
+        table.merge(name, state)
+        expected[name] = merge(expected.get(name, {}), state)
+    for name in "abc":
+        assert table.partials(name) == {r: c for r, c in expected.get(name, {}).items() if c > 0}
+        assert table.value(name) == value(expected.get(name, {}))
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdef"), replicas, st.integers(1, 100)), max_size=40), st.data())
+def test_changes_since_returns_exactly_what_changed_after_a_version(
+    updates: list[tuple[str, str, int]], data: st.DataObject
+) -> None:
+    table = CounterTable()
+    history: list[tuple[int, str, str]] = []  # (version after, name, replica)
+    for name, replica, count in updates:
+        if table.merge(name, {replica: table.partial(name, replica) + count}):
+            history.append((table.version, name, replica))
+    since = data.draw(st.integers(0, table.version))
+    counters, version, more = table.changes_since(since)
+    expected = {(n, r) for v, n, r in history if v > since}
+    assert {(n, r) for n, p in counters.items() for r in p} == expected
+    assert version == table.version and not more
+    for name, partials in counters.items():
+        for replica, count in partials.items():
+            assert table.partial(name, replica) == count
+
+
+def test_changes_since_pages_in_version_order() -> None:
+    table = CounterTable()
+    for name in "abcde":
+        table.merge(name, {"r": 1})
+    table.merge("a", {"r": 2})  # a moves behind e
+    page, version, more = table.changes_since(0, limit=3)
+    assert list(page) == ["b", "c", "d"] and more
+    page, version, more = table.changes_since(version, limit=3)
+    assert list(page) == ["e", "a"] and not more and page["a"] == {"r": 2}
+
+
+def test_merge_reports_only_entries_that_grew() -> None:
+    table = CounterTable()
+    assert table.merge("c", {"r1": 3, "r2": 0}) == {"r1": 3}
+    assert table.merge("c", {"r1": 2}) == {}
+    assert table.version == 1
+    assert len(table) == 1
+
+
+def test_validate_counters_rejects_bad_names_and_counts() -> None:
+    for bad in ({"": {"r": 1}}, {"x" * 256: {"r": 1}}, {"c": {"r": -1}}, {"c": []}, []):
+        try:
+            validate_counters(bad)
+        except InvalidState:
+            continue
+        raise AssertionError(f"accepted {bad!r}")
+    assert validate_counters({"c": {"r": MAX_COUNT}}) == {"c": {"r": MAX_COUNT}}

@@ -1,0 +1,110 @@
+"""Group commit: acknowledged only once durable, nothing counted on failure."""
+
+from __future__ import annotations
+
+import json
+
+from harness import FakeNet
+from twisted.internet.defer import Deferred, fail
+
+from counterdb.crdt import MAX_COUNT
+from counterdb.node import Node, Overflow, StoreUnavailable
+from counterdb.store import MemoryStore
+
+
+class SlowStore(MemoryStore):
+    """A store whose commits finish when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits: list[tuple[dict[str, int], Deferred[None]]] = []
+
+    def write_own(self, partials: dict[str, int]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.commits.append((dict(partials), d))
+        return d
+
+    def finish(self, index: int = -1) -> None:
+        partials, d = self.commits[index]
+        super().write_own(partials)
+        d.callback(None)
+
+
+class BrokenStore(MemoryStore):
+    def write_own(self, partials: dict[str, int]) -> Deferred[None]:
+        return fail(OSError(28, "No space left on device"))
+
+
+def outcome(d: Deferred[object]) -> list[object]:
+    seen: list[object] = []
+    d.addBoth(seen.append)
+    return seen
+
+
+def test_increments_are_acknowledged_only_after_the_commit() -> None:
+    store = SlowStore()
+    node = Node(store)
+    first = outcome(node.increment("c", 2))
+    assert first == [] and node.value("c") == 0  # not durable, not visible
+    store.finish()
+    assert first == [2] and node.value("c") == 2
+
+
+def test_concurrent_increments_share_one_commit_with_absolute_values() -> None:
+    store = SlowStore()
+    node = Node(store)
+    outcome(node.increment("c", 1))  # commit 0 in flight
+    waiting = [outcome(node.increment("c", n)) for n in (2, 3)] + [outcome(node.increment("d", 4))]
+    assert len(store.commits) == 1
+    store.finish(0)
+    assert len(store.commits) == 2
+    assert store.commits[1][0] == {"c": 6, "d": 4}  # absolute partials, not deltas
+    store.finish(1)
+    assert waiting == [[3], [6], [4]]  # each answer is the value right after it
+
+
+def test_a_failed_commit_counts_nothing_and_the_next_one_works() -> None:
+    store = SlowStore()
+    node = Node(store)
+    failed = outcome(node.increment("c", 5))
+    store.commits[0][1].errback(OSError(5, "Input/output error"))
+    assert failed[0].check(StoreUnavailable)  # type: ignore[attr-defined]
+    assert node.value("c") == 0
+    ok = outcome(node.increment("c", 1))
+    store.finish()
+    assert ok == [1] and node.value("c") == 1
+
+
+def test_overflow_is_refused_without_touching_the_batch() -> None:
+    node = Node(MemoryStore())
+    node.merge({"c": {"other": MAX_COUNT - 1}})
+    too_much = outcome(node.increment("c", 2))
+    assert too_much[0].check(Overflow)  # type: ignore[attr-defined]
+    assert outcome(node.increment("c", 1)) == [MAX_COUNT]
+
+
+def test_store_failure_is_503_and_reads_keep_working() -> None:
+    net = FakeNet()
+    net.add("127.0.0.2", store=BrokenStore())
+    code, content = net.request("POST", "127.0.0.2", "/counter/c", "3")
+    assert code == 503
+    assert "No space left" in json.loads(content)["error"]
+    assert net.value("127.0.0.2", "c") == 0
+
+
+def test_a_client_that_went_away_does_not_break_the_commit() -> None:
+    store = SlowStore()
+    node = Node(store)
+    d = node.increment("c", 1)
+    d.cancel()  # what Klein does when the client disconnects
+    d.addErrback(lambda f: None)
+    store.finish()
+    assert node.value("c") == 1  # it was counted; the outcome was just not delivered
+
+
+def test_state_is_loaded_from_the_store() -> None:
+    store = MemoryStore()
+    store.write_own({"c": 3})
+    store.write_peers({"c": {"other": 4}})
+    assert Node(store).value("c") == 7
+    assert Node(store).replica_id == store.replica_id

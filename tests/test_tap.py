@@ -1,0 +1,122 @@
+"""The twistd command line and the service it builds."""
+
+from __future__ import annotations
+
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.application.service import IServiceCollection
+from twisted.python.usage import UsageError
+
+from counterdb.service import CounterDBService
+from counterdb.tap import Options, makeService
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_defaults() -> None:
+    options = parse()
+    assert options["endpoint"] == "tcp:8080"
+    assert options["data-dir"] == "./counterdb-data"
+    assert (options["poll-interval"], options["push-retries"]) == (1.0, 8)
+    assert (options["backoff-initial"], options["backoff-max"]) == (0.05, 5.0)
+    assert options["actors"] is None and options["advertise"] is None
+
+
+@pytest.mark.parametrize(
+    "args, endpoint",
+    [
+        (["--port", "9000"], "tcp:9000"),
+        (["--port", "9000", "--interface", "127.0.0.2"], "tcp:9000:interface=127.0.0.2"),
+        (["--port", "9000", "--interface", "::1"], "tcp:9000:interface=\\:\\:1"),
+        (["--port", "tcp:8080:interface=10.0.0.5"], "tcp:8080:interface=10.0.0.5"),
+    ],
+)
+def test_port_forms(args: list[str], endpoint: str) -> None:
+    assert parse(*args)["endpoint"] == endpoint
+
+
+def test_systemd_endpoint_without_a_passed_socket_is_a_usage_error() -> None:
+    # pytest was not socket-activated, so systemd passed us nothing.
+    with pytest.raises(UsageError, match="systemd passed no such socket"):
+        parse("--port", "systemd:domain=INET:index=0")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--port", "nonsense:1"], "not a usable endpoint"),
+        (["--port", "70000"], "not a port number"),
+        (["--port", "tcp:80", "--interface", "127.0.0.1"], "--interface goes with a plain --port"),
+        (["--poll-interval", "0"], "greater than 0, got '0'"),
+        (["--poll-interval", "soon"], "expected a number of seconds"),
+        (["--peer-timeout", "inf"], "expected a number of seconds"),
+        (["--push-retries", "-1"], "0 or more, got '-1'"),
+        (["--backoff-initial", "2", "--backoff-max", "1"], "--backoff-max"),
+        (["--actors", "10.0.0.1,bad host"], "neither"),
+        (["--actors", "10.0.0.1,10.0.0.1"], "duplicate"),
+        (["--advertise", "[::1"], "missing ']'"),
+        (["--no-such-flag"], "no-such-flag"),
+    ],
+)
+def test_malformed_options_are_usage_errors(args: list[str], fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment.replace("[", r"\[")):
+        parse(*args)
+
+
+def test_actors_and_advertise_are_parsed() -> None:
+    options = parse("--actors", "10.0.0.1, 10.0.0.2:9000", "--advertise", "10.0.0.2:9000")
+    assert options["actors"] == ["10.0.0.1", "10.0.0.2:9000"]
+    assert options["advertise"].port == 9000
+
+
+def test_make_service_is_a_multiservice_of_listener_and_sync() -> None:
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5"))
+    assert isinstance(service, CounterDBService)
+    assert len(list(IServiceCollection(service))) == 2
+    assert service.cluster.settings.poll_interval == 0.5
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_serves_on_a_real_socket_and_stops_cleanly() -> None:
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9"))
+    service.privilegedStartService()
+    service.startService()
+    try:
+        port = service.web.port.getHost().port
+        base = f"http://127.0.0.9:{port}"
+        assert service.cluster.membership is not None  # --actors found itself on the bound address
+        response = await treq.post(f"{base}/counter/c", data=b"4")
+        assert (response.code, await response.text()) == (200, "4")
+        response = await treq.get(f"{base}/counter/c/consistent_value")
+        assert await response.text() == "4"
+    finally:
+        await service.stopService()
+    assert service.web.port is None
+
+
+def test_startup_actors_that_do_not_contain_this_node_stop_the_start() -> None:
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.10,127.0.0.11"))
+    service.privilegedStartService()
+    try:
+        with pytest.raises(SystemExit, match="not in the actors list"):
+            service.startService()
+    finally:
+        service.web.stopService()
+
+
+def test_a_port_in_use_stops_the_start_with_the_reason() -> None:
+    first = makeService(parse("--port", "tcp:0:interface=127.0.0.9"))
+    first.privilegedStartService()
+    try:
+        taken = first.web.port.getHost().port
+        second = makeService(parse("--port", f"tcp:{taken}:interface=127.0.0.9"))
+        with pytest.raises(SystemExit, match="cannot listen"):
+            second.privilegedStartService()
+    finally:
+        first.web.stopService()
