@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import random
 from typing import Any, Callable, Protocol
+from urllib.parse import quote
 
 import attrs
 import treq
-from urllib.parse import quote
-
 from twisted.internet.defer import CancelledError, Deferred, FirstError, fail, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
@@ -91,14 +90,15 @@ class PeerError(Exception):
 class PeerClient:
     """The HTTP calls one node makes to one peer, each with a timeout."""
 
-    def __init__(self, http: HTTPClient, base_url: str, clock: IReactorTime, timeout: float) -> None:
+    def __init__(self, http: HTTPClient, base_url: str, clock: IReactorTime, settings: SyncSettings) -> None:
         self.http = http
         self.base_url = base_url
         self.clock = clock
-        self.timeout = timeout
+        self.timeout = settings.peer_timeout
+        self.page_size = settings.poll_batch
 
     def get_changes(self, since: int, epoch: str | None) -> Deferred[dict[str, Any]]:
-        params = {"since": str(since), "epoch": epoch or ""}
+        params = {"since": str(since), "epoch": epoch or "", "limit": str(self.page_size)}
         return self._call(self.http.get(f"{self.base_url}/sync", params=params))
 
     def push(self, counters: dict[str, Partials]) -> Deferred[dict[str, Any]]:
@@ -373,7 +373,7 @@ class Cluster:
         return membership
 
     def _new_link(self, actor: Actor, url: str) -> PeerLink:
-        client = PeerClient(self.http, url, self.clock, self.settings.peer_timeout)
+        client = PeerClient(self.http, url, self.clock, self.settings)
         link = PeerLink(self.node, actor, client, self.clock, self.settings, self.rng)
         if self._running:
             link.start()

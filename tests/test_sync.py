@@ -235,3 +235,16 @@ def test_stopped_cluster_sends_nothing(net: FakeNet) -> None:
     seen = len(net.router.seen)
     net.run(10)
     assert len(net.router.seen) == seen
+
+
+def test_a_large_backlog_is_fetched_in_pages() -> None:
+    import attrs
+
+    net = FakeNet(attrs.evolve(FAST, poll_batch=3))
+    net.cluster_of(A, B)
+    for i in range(10):
+        net.request("POST", B, f"/counter/n{i}/setsync", {"partials": {"x": 1}})
+    net.run(FAST.poll_interval + 0.1)
+    assert sum(net.value(A, f"n{i}") for i in range(10)) == 10
+    pages = [uri for t, h, m, uri in net.router.seen if h == B and uri.startswith("/sync?") and "limit=3" in uri]
+    assert len(pages) >= 4
