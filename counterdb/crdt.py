@@ -7,8 +7,8 @@ Partials only grow, so merging two states is the element-wise maximum; the
 counter's value is the sum of its partials.
 
 :class:`CounterTable` holds every counter a node knows and stamps each
-``(counter, replica)`` entry with a node-local, monotonically increasing
-version, so a peer can ask for "everything that changed since version V" at a
+counter with the node-local, monotonically increasing version of its last
+change, so a peer can ask for "everything that changed since version V" at a
 cost proportional to what changed, not to the number of counters.
 """
 
@@ -103,13 +103,13 @@ def validate_counters(obj: Any) -> dict[str, Partials]:
 
 
 class CounterTable:
-    """Every counter a node knows, with per-entry versions for delta sync."""
+    """Every counter a node knows, with per-counter versions for delta sync."""
 
     def __init__(self) -> None:
         self._counters: dict[str, Partials] = {}
-        # (counter, replica) -> version of its last change, oldest first, so
-        # the newest changes can be read from the end without a full scan.
-        self._versions: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # counter -> version of its last change, oldest first, so the newest
+        # changes can be read from the end without scanning every counter.
+        self._versions: OrderedDict[str, int] = OrderedDict()
         self.version = 0
 
     def __len__(self) -> int:
@@ -134,58 +134,58 @@ class CounterTable:
         Returns the entries that grew (replica -> new count); empty if the
         merge taught us nothing.
         """
-        current = self._counters.setdefault(name, {})
+        current = self._counters.get(name)
         grown: Partials = {}
         for replica, count in partials.items():
-            if count > current.get(replica, 0):
+            if count > (current.get(replica, 0) if current else 0):
+                if current is None:
+                    current = self._counters[name] = {}
                 current[replica] = count
                 grown[replica] = count
-                self._stamp(name, replica)
-        if not current:
-            del self._counters[name]
+        if grown:
+            self._stamp(name)
         return grown
 
-    def restore(self, name: str, replica: str, count: int, version: int) -> None:
-        """Load one persisted entry with its original version (store start-up)."""
-        self._counters.setdefault(name, {})[replica] = count
-        key = (name, replica)
-        self._versions[key] = version
-        self.version = max(self.version, version)
+    def load(self, entries: Iterable[tuple[str, str, int]]) -> None:
+        """Bulk-load ``(counter, replica, count)`` rows at start-up.
 
-    def finish_restore(self) -> None:
-        """Re-establish version order after a series of :meth:`restore` calls."""
-        self._versions = OrderedDict(sorted(self._versions.items(), key=lambda kv: kv[1]))
+        Replica ids repeat on every row; sharing one string object per id
+        keeps a table of a million counters from holding millions of copies.
+        """
+        replicas: dict[str, str] = {}
+        for name, replica, count in entries:
+            if count <= 0:
+                continue
+            replica = replicas.setdefault(replica, replica)
+            current = self._counters.setdefault(name, {})
+            current[replica] = max(count, current.get(replica, 0))
+            if name not in self._versions:
+                self.version += 1
+                self._versions[name] = self.version
 
     def changes_since(self, since: int, limit: int | None = None) -> tuple[dict[str, Partials], int, bool]:
-        """Entries whose version is above ``since``, oldest first.
+        """The counters changed after version ``since``, oldest change first.
 
-        Returns ``(counters, version, more)``: the changed entries grouped by
-        counter, the version to ask from next time, and whether ``limit``
-        cut the answer short. Costs O(entries changed since ``since``).
+        Returns ``(counters, version, more)``: the changed counters with all
+        their partials, the version to ask from next time, and whether
+        ``limit`` cut the answer short. Costs O(counters changed since
+        ``since``), not O(all counters).
         """
-        newer: list[tuple[tuple[str, str], int]] = []
-        for key in reversed(self._versions):
-            version = self._versions[key]
+        newer: list[tuple[str, int]] = []
+        for name in reversed(self._versions):
+            version = self._versions[name]
             if version <= since:
                 break
-            newer.append((key, version))
+            newer.append((name, version))
         newer.reverse()
         more = limit is not None and len(newer) > limit
         if more:
             newer = newer[:limit]
-        counters: dict[str, Partials] = {}
-        for (name, replica), _ in newer:
-            counters.setdefault(name, {})[replica] = self._counters[name][replica]
+        counters = {name: dict(self._counters[name]) for name, _ in newer}
         next_since = newer[-1][1] if more else self.version
         return counters, next_since, more
 
-    def entries(self) -> Iterable[tuple[str, str, int, int]]:
-        """Every ``(counter, replica, count, version)``, oldest change first."""
-        for (name, replica), version in self._versions.items():
-            yield name, replica, self._counters[name][replica], version
-
-    def _stamp(self, name: str, replica: str) -> None:
+    def _stamp(self, name: str) -> None:
         self.version += 1
-        key = (name, replica)
-        self._versions[key] = self.version
-        self._versions.move_to_end(key)
+        self._versions[name] = self.version
+        self._versions.move_to_end(name)

@@ -46,8 +46,7 @@ class Node:
         self.replica_id = loaded.replica_id
         self.stored_actors = loaded.actors
         self.table = CounterTable()
-        for name, replica, count in loaded.entries:
-            self.table.merge(name, {replica: count})
+        self.table.load(loaded.entries)
         # Versions are not persisted: a new epoch tells pollers to start over.
         self.epoch = uuid.uuid4().hex
         self._queue: list[_PendingIncrement] = []

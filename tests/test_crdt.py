@@ -72,18 +72,27 @@ def test_changes_since_returns_exactly_what_changed_after_a_version(
     updates: list[tuple[str, str, int]], data: st.DataObject
 ) -> None:
     table = CounterTable()
-    history: list[tuple[int, str, str]] = []  # (version after, name, replica)
+    history: list[tuple[int, str]] = []  # (version after, counter)
     for name, replica, count in updates:
         if table.merge(name, {replica: table.partial(name, replica) + count}):
-            history.append((table.version, name, replica))
+            history.append((table.version, name))
     since = data.draw(st.integers(0, table.version))
     counters, version, more = table.changes_since(since)
-    expected = {(n, r) for v, n, r in history if v > since}
-    assert {(n, r) for n, p in counters.items() for r in p} == expected
+    assert set(counters) == {n for v, n in history if v > since}
     assert version == table.version and not more
     for name, partials in counters.items():
-        for replica, count in partials.items():
-            assert table.partial(name, replica) == count
+        assert partials == table.partials(name)
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), replicas, st.integers(0, 100)), max_size=30))
+def test_bulk_load_equals_merging_row_by_row(rows: list[tuple[str, str, int]]) -> None:
+    loaded, merged = CounterTable(), CounterTable()
+    loaded.load(rows)
+    for name, replica, count in rows:
+        merged.merge(name, {replica: count})
+    for name in "abc":
+        assert loaded.partials(name) == merged.partials(name)
+    assert set(loaded.changes_since(0)[0]) == set(merged.changes_since(0)[0])
 
 
 def test_changes_since_pages_in_version_order() -> None:
