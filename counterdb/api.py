@@ -22,13 +22,15 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from counterdb.actors import ConfigError
 from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_name, validate_partials
-from counterdb.node import Node, Overflow, StoreUnavailable
+from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
 from counterdb.sync import Cluster, ConsistencyTimeout
 
 #: Largest request body accepted (a setsync or push of many counters fits).
 MAX_BODY_BYTES = 1024 * 1024
 #: Largest ?timeout= a consistent read accepts, in seconds.
 MAX_READ_TIMEOUT = 24 * 3600.0
+#: Longest Idempotency-Key accepted.
+MAX_IDEMPOTENCY_KEY = 255
 #: Largest number of entries one GET /sync answer may be asked for.
 MAX_SYNC_LIMIT = 100_000
 
@@ -77,11 +79,12 @@ class CounterAPI:
     @app.route("/counter/<name>", methods=["POST"])
     def increment(self, request: IRequest, name: str) -> Deferred[bytes]:
         name = _counter_name(name)
+        key = _idempotency_key(request)
         amount = _parse_amount(_read_body(request))
         if amount > MAX_COUNT:
             raise ClientError(400, f"the increment must be at most {MAX_COUNT}")
-        d = self.node.increment(name, amount)
-        d.addCallback(lambda total: _text(request, total))
+        d = self.node.increment(name, amount, key)
+        d.addCallback(_acknowledge, request)
         d.addErrback(_increment_error)
         return d
 
@@ -262,9 +265,29 @@ def _config_error(failure: Failure) -> None:
     raise ClientError(400, str(failure.value))
 
 
+def _idempotency_key(request: IRequest) -> str | None:
+    raw = request.getHeader(b"idempotency-key")
+    if raw is None:
+        return None
+    key = raw.strip()
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not all(0x21 <= b <= 0x7E for b in key):
+        raise ClientError(
+            400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters, e.g. a UUID"
+        )
+    return key.decode("ascii")
+
+
+def _acknowledge(ack: Acknowledged, request: IRequest) -> bytes:
+    if ack.replayed:
+        request.setHeader(b"Idempotent-Replayed", b"true")
+    return _text(request, ack.value)
+
+
 def _increment_error(failure: Failure) -> None:
     if failure.check(Overflow):
         raise ClientError(400, str(failure.value))
+    if failure.check(KeyReused):
+        raise ClientError(422, str(failure.value))
     if failure.check(StoreUnavailable):
         raise ClientError(503, str(failure.value))
     failure.raiseException()

@@ -5,20 +5,32 @@ Increments are queued and written to the store in batches: while one batch
 is being made durable the next one accumulates, so concurrent increments
 share a commit. Memory changes only after the store confirmed the write, so
 a failed write changes nothing and nothing unacknowledged is ever served.
+
+Increments may carry an idempotency key. The key is stored in the same
+transaction as the partial it produced, so after any crash either both
+exist or neither does: a retried request is answered from the record and
+never counted twice.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from typing import Callable, Iterable
+from collections import OrderedDict
+from typing import Callable
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from counterdb.crdt import MAX_COUNT, CounterTable, Partials
-from counterdb.store import Store
+from counterdb.store import IdempotencyRecord, Store
+
+#: How long, and for how many keys at most, an idempotency key is remembered.
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+IDEMPOTENCY_MAX_KEYS = 1_000_000
 
 
 class Overflow(ValueError):
@@ -29,19 +41,44 @@ class StoreUnavailable(RuntimeError):
     """The store could not make an increment durable; nothing was counted."""
 
 
+class KeyReused(ValueError):
+    """An idempotency key came back with a different request."""
+
+
+@attrs.frozen
+class Acknowledged:
+    value: int  # the counter's local value right after the increment
+    replayed: bool = False  # answered from an earlier request with the same key
+
+
+class _WallClock:
+    def seconds(self) -> float:
+        return time.time()
+
+
 @attrs.define
 class _PendingIncrement:
     name: str
     amount: int
-    done: Deferred[int]
-    own_after: int = 0
+    key: str | None
+    waiters: list[Deferred[Acknowledged]]
+    answer: int = 0
 
 
 class Node:
     log = Logger()
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: IReactorTime | None = None,
+        idempotency_window: float = IDEMPOTENCY_WINDOW,
+        idempotency_max_keys: int = IDEMPOTENCY_MAX_KEYS,
+    ) -> None:
         self.store = store
+        self.clock = clock or _WallClock()
+        self.idempotency_window = idempotency_window
+        self.idempotency_max_keys = idempotency_max_keys
         loaded = store.load()
         self.replica_id = loaded.replica_id
         self.stored_actors = loaded.actors
@@ -49,6 +86,9 @@ class Node:
         self.table.load(loaded.entries)
         # Versions are not persisted: a new epoch tells pollers to start over.
         self.epoch = uuid.uuid4().hex
+        self._keys: OrderedDict[str, IdempotencyRecord] = OrderedDict((r.key, r) for r in loaded.idempotency)
+        self._forget_old_keys()
+        self._pending_keys: dict[str, _PendingIncrement] = {}
         self._queue: list[_PendingIncrement] = []
         self._committing = False
         self._change_listeners: list[Callable[[set[str]], None]] = []
@@ -80,18 +120,26 @@ class Node:
         """Call ``listener(names)`` after increments on this node are durable."""
         self._change_listeners.append(listener)
 
-    def increment(self, name: str, amount: int) -> Deferred[int]:
+    def increment(self, name: str, amount: int, key: str | None = None) -> Deferred[Acknowledged]:
         """Add ``amount`` to this node's partial of ``name``.
 
-        Fires with the counter's new local value once the increment is
-        durable; fails with :class:`Overflow` or :class:`StoreUnavailable`
-        (and then nothing was counted).
+        Fires once the increment is durable; fails with :class:`Overflow`,
+        :class:`KeyReused` or :class:`StoreUnavailable`, and then nothing was
+        counted. With ``key``, a repeat of an earlier request is answered as
+        the first one was, without counting again.
         """
-        pending = _PendingIncrement(name, amount, Deferred())
+        if key is not None:
+            repeat = self._repeat_of(key, name, amount)
+            if repeat is not None:
+                return repeat
+        waiter: Deferred[Acknowledged] = Deferred()
+        pending = _PendingIncrement(name, amount, key, [waiter])
         self._queue.append(pending)
+        if key is not None:
+            self._pending_keys[key] = pending
         if not self._committing:
             self._commit_next_batch()
-        return pending.done
+        return waiter
 
     def merge(self, counters: dict[str, Partials]) -> dict[str, Partials]:
         """Merge partials learnt from elsewhere; return the entries that grew."""
@@ -104,56 +152,104 @@ class Node:
             self.store.write_peers(grown).addErrback(self._log_peer_write_failure)
         return grown
 
+    # -- idempotency -----------------------------------------------------------
+
+    def _repeat_of(self, key: str, name: str, amount: int) -> Deferred[Acknowledged] | None:
+        record = self._keys.get(key)
+        if record is not None:
+            if (record.counter, record.amount) != (name, amount):
+                return fail(_key_reused(key, record.counter, record.amount))
+            return succeed(Acknowledged(record.value, replayed=True))
+        pending = self._pending_keys.get(key)
+        if pending is None:
+            return None
+        if (pending.name, pending.amount) != (name, amount):
+            return fail(_key_reused(key, pending.name, pending.amount))
+        # The first request with this key is still being committed: answer
+        # this one with its outcome.
+        waiter: Deferred[Acknowledged] = Deferred()
+        pending.waiters.append(waiter)
+        return waiter
+
+    def _remember_keys(self, records: list[IdempotencyRecord]) -> None:
+        for record in records:
+            self._keys[record.key] = record
+            self._pending_keys.pop(record.key, None)
+        self._forget_old_keys()
+
+    def _forget_old_keys(self) -> None:
+        oldest_allowed = self.clock.seconds() - self.idempotency_window
+        keys = self._keys
+        while keys:
+            first = next(iter(keys.values()))
+            if first.created >= oldest_allowed and len(keys) <= self.idempotency_max_keys:
+                break
+            keys.popitem(last=False)
+
+    # -- group commit ------------------------------------------------------------
+
     def _commit_next_batch(self) -> None:
         batch, self._queue = self._queue, []
         own = self._apply_batch(batch)
-        accepted = [p for p in batch if not p.done.called]
+        accepted = [p for p in batch if p.waiters]
         if not accepted:
             return
+        now = self.clock.seconds()
+        records = [
+            IdempotencyRecord(p.key, p.name, p.amount, p.answer, now) for p in accepted if p.key is not None
+        ]
         self._committing = True
-        d = self.store.write_own(own)
+        d = self.store.write_own(own, records)
         d.addCallbacks(
             self._batch_durable,
             self._batch_failed,
-            callbackArgs=(own, accepted),
+            callbackArgs=(own, accepted, records),
             errbackArgs=(accepted,),
         )
         d.addBoth(self._batch_finished)
 
     def _apply_batch(self, batch: list[_PendingIncrement]) -> dict[str, int]:
-        """New absolute own partials for ``batch``; rejects overflowing ones."""
+        """New absolute own partials for ``batch``; refuses overflowing ones."""
         own: dict[str, int] = {}
         for pending in batch:
             mine = own.get(pending.name, self.table.partial(pending.name, self.replica_id))
-            others = self.table.value(pending.name) - self.table.partial(
-                pending.name, self.replica_id
-            )
+            others = self.table.value(pending.name) - self.table.partial(pending.name, self.replica_id)
             if others + mine + pending.amount > MAX_COUNT:
-                pending.done.errback(
-                    Overflow(f"counter {pending.name!r} would exceed {MAX_COUNT}")
-                )
+                self._fail(pending, Overflow(f"counter {pending.name!r} would exceed {MAX_COUNT}"))
                 continue
-            own[pending.name] = pending.own_after = mine + pending.amount
+            own[pending.name] = mine + pending.amount
+            pending.answer = others + own[pending.name]
         return own
 
-    def _batch_durable(self, _: None, own: dict[str, int], accepted: list[_PendingIncrement]) -> None:
+    def _batch_durable(
+        self, _: None, own: dict[str, int], accepted: list[_PendingIncrement], records: list[IdempotencyRecord]
+    ) -> None:
         for name, count in own.items():
             self.table.merge(name, {self.replica_id: count})
+        self._remember_keys(records)
         changed = set(own)
         for listener in self._change_listeners:
             listener(changed)
         for pending in accepted:
-            others = self.table.value(pending.name) - self.table.partial(
-                pending.name, self.replica_id
-            )
-            _fire(pending.done, others + pending.own_after)
+            for waiter in pending.waiters:
+                # The client may have gone away (Klein then cancels its
+                # Deferred): the increment counted, nobody is left to tell.
+                if not waiter.called:
+                    waiter.callback(Acknowledged(pending.answer))
 
     def _batch_failed(self, failure: Failure, accepted: list[_PendingIncrement]) -> None:
         self.log.failure("could not make {count} increments durable", failure, count=len(accepted))
         error = StoreUnavailable(f"the store could not commit: {failure.getErrorMessage()}")
         for pending in accepted:
-            if not pending.done.called:
-                pending.done.errback(error)
+            self._fail(pending, error)
+
+    def _fail(self, pending: _PendingIncrement, error: Exception) -> None:
+        if pending.key is not None:
+            self._pending_keys.pop(pending.key, None)
+        waiters, pending.waiters = pending.waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.errback(error)
 
     def _batch_finished(self, result: object) -> None:
         self._committing = False
@@ -164,12 +260,8 @@ class Node:
         self.log.failure("could not store partials learnt from peers", failure)
 
 
-def _fire(d: Deferred[int], result: int) -> None:
-    # The client may have gone away (Klein then cancels its Deferred); the
-    # increment still counted, there is just nobody left to tell.
-    if not d.called:
-        d.callback(result)
-
-
-def names_of(counters: Iterable[str]) -> set[str]:
-    return set(counters)
+def _key_reused(key: str, counter: str, amount: int) -> KeyReused:
+    return KeyReused(
+        f"Idempotency-Key {key!r} was already used for a different request "
+        f"(an increment of {counter!r} by {amount}); use a new key for a new increment"
+    )

@@ -9,13 +9,25 @@ they can be fetched again, but they never go backwards).
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import sqlite3
+import time
 import uuid
-from typing import Iterable, Protocol
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from counterdb.crdt import Partials
+
+log = Logger()
 
 
 def new_replica_id() -> str:
@@ -24,18 +36,31 @@ def new_replica_id() -> str:
 
 
 @attrs.frozen
+class IdempotencyRecord:
+    """An increment made under an ``Idempotency-Key`` and the answer it got."""
+
+    key: str
+    counter: str
+    amount: int
+    value: int
+    created: float  # seconds since the epoch
+
+
+@attrs.frozen
 class LoadedState:
     replica_id: str
     actors: list[str] | None
-    entries: list[tuple[str, str, int]] = attrs.field(factory=list)  # (counter, replica, count)
+    entries: Iterable[tuple[str, str, int]] = ()  # (counter, replica, count)
+    idempotency: list[IdempotencyRecord] = attrs.field(factory=list)
 
 
 class Store(Protocol):
     def load(self) -> LoadedState:
         """Read everything persisted (called once, at start-up)."""
 
-    def write_own(self, partials: dict[str, int]) -> Deferred[None]:
-        """Durably record this node's own new partials (absolute values)."""
+    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+        """Durably record this node's own new partials (absolute values) and
+        the idempotency keys they answer, in one transaction."""
 
     def write_peers(self, counters: dict[str, Partials]) -> Deferred[None]:
         """Record partials learnt from peers (never lower than before)."""
@@ -54,18 +79,15 @@ class MemoryStore:
         self.replica_id = replica_id or new_replica_id()
         self.actors: list[str] | None = None
         self.counters: dict[str, Partials] = {}
+        self.keys: list[IdempotencyRecord] = []
 
     def load(self) -> LoadedState:
-        entries = [
-            (name, replica, count)
-            for name, partials in self.counters.items()
-            for replica, count in partials.items()
-        ]
-        return LoadedState(self.replica_id, self.actors, entries)
+        return LoadedState(self.replica_id, self.actors, list(entries_of(self.counters)), list(self.keys))
 
-    def write_own(self, partials: dict[str, int]) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
         for name, count in partials.items():
             self._raise(name, self.replica_id, count)
+        self.keys.extend(keys)
         return succeed(None)
 
     def write_peers(self, counters: dict[str, Partials]) -> Deferred[None]:
@@ -90,3 +112,299 @@ def entries_of(counters: dict[str, Partials]) -> Iterable[tuple[str, str, int]]:
     for name, partials in counters.items():
         for replica, count in partials.items():
             yield name, replica, count
+
+
+# -- SQLite ----------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+DB_FILE = "counterdb.sqlite3"
+LOCK_FILE = "counterdb.lock"
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE partials (
+    counter TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    count INTEGER NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (counter, replica)
+) WITHOUT ROWID;
+CREATE TABLE idempotency (
+    key TEXT PRIMARY KEY,
+    counter TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    value INTEGER NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX idempotency_by_age ON idempotency (created);
+"""
+
+# Counts only grow: a late or repeated write never lowers what is stored.
+_UPSERT_PARTIAL = (
+    "INSERT INTO partials (counter, replica, count) VALUES (?, ?, ?) "
+    "ON CONFLICT (counter, replica) DO UPDATE SET count = MAX(count, excluded.count)"
+)
+_INSERT_KEY = "INSERT OR IGNORE INTO idempotency (key, counter, amount, value, created) VALUES (?, ?, ?, ?, ?)"
+
+#: --durability modes: SQLite's ``synchronous`` setting for each.
+DURABILITY = {
+    # fsync the write-ahead log before every acknowledged commit
+    "full": "FULL",
+    # fsync at checkpoints (every second); a kill -9 loses nothing, a power
+    # loss may lose the last second of acknowledged increments
+    "fast": "NORMAL",
+}
+
+
+class StoreError(Exception):
+    """The data dir cannot be used; the message names the file and the problem."""
+
+
+@attrs.frozen
+class StoreSettings:
+    durability: str = "full"
+    peer_flush_interval: float = 1.0  # seconds peer partials may wait in memory
+    checkpoint_interval: float = 1.0  # seconds between WAL checkpoints in "fast" mode
+    idempotency_window: float = 24 * 3600.0
+    idempotency_max_keys: int = 1_000_000
+
+
+class SqliteStore:
+    """The embedded store: one SQLite file in WAL mode in the data dir.
+
+    All writes run, one after another, on a single dedicated thread, so the
+    reactor never waits for the disk and SQLite never sees two writers. The
+    node's group commit hands over one batch at a time.
+    """
+
+    def __init__(self, data_dir: str, reactor: Any, settings: StoreSettings = StoreSettings()) -> None:
+        if settings.durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {sorted(DURABILITY)}")
+        self.path = Path(data_dir)
+        self.reactor = reactor
+        self.settings = settings
+        self._lock = _lock_data_dir(self.path)
+        try:
+            self._db = _open_database(self.path / DB_FILE, DURABILITY[settings.durability])
+        except BaseException:
+            self._lock.close()
+            raise
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="counterdb-store")
+        self._pool.start()
+        self._peer_backlog: dict[tuple[str, str], int] = {}
+        self._flush_call: Any = None
+        self._checkpoints: LoopingCall | None = None
+        self._last_prune = 0.0
+        self._closed = False
+        if settings.durability == "fast":
+            self._checkpoints = LoopingCall(self._checkpoint)
+            self._checkpoints.clock = reactor
+            self._checkpoints.start(settings.checkpoint_interval, now=False)
+
+    # -- start-up --------------------------------------------------------------
+
+    def load(self) -> LoadedState:
+        db = self._db
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        actors = json.loads(meta["actors"]) if "actors" in meta else None
+        oldest = time.time() - self.settings.idempotency_window
+        keys = [
+            IdempotencyRecord(*row)
+            for row in db.execute(
+                "SELECT key, counter, amount, value, created FROM idempotency WHERE created >= ? "
+                "ORDER BY created DESC LIMIT ?",
+                (oldest, self.settings.idempotency_max_keys),
+            )
+        ]
+        keys.reverse()
+        entries = db.execute("SELECT counter, replica, count FROM partials")
+        return LoadedState(meta["replica_id"], actors, entries, keys)
+
+    # -- writes ------------------------------------------------------------------
+
+    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+        own = [(name, self._replica_id, count) for name, count in partials.items()]
+        peers = self._take_peer_backlog()
+        d = self._in_thread(self._commit, own + peers, keys)
+        d.addErrback(self._restore_peer_backlog, peers)
+        return d
+
+    def write_peers(self, counters: dict[str, Partials]) -> Deferred[None]:
+        backlog = self._peer_backlog
+        for name, partials in counters.items():
+            for replica, count in partials.items():
+                if count > backlog.get((name, replica), 0):
+                    backlog[(name, replica)] = count
+        if self._flush_call is None and not self._closed:
+            self._flush_call = self.reactor.callLater(self.settings.peer_flush_interval, self._flush_peers)
+        return succeed(None)
+
+    def write_config(self, actors: list[str]) -> Deferred[None]:
+        return self._in_thread(self._set_meta, "actors", json.dumps(actors))
+
+    def flush(self) -> Deferred[None]:
+        """Write peer partials now instead of at the next interval."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        peers = self._take_peer_backlog()
+        if not peers:
+            return succeed(None)
+        d = self._in_thread(self._commit, peers, [])
+        d.addErrback(self._restore_peer_backlog, peers)
+        return d
+
+    def close(self) -> None:
+        """Write what is pending, stop the writer thread, release the lock."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._checkpoints is not None and self._checkpoints.running:
+            self._checkpoints.stop()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        peers = self._take_peer_backlog()
+        self._pool.stop()  # runs what was queued, then joins the thread
+        try:
+            if peers:
+                self._commit(peers, [])
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            log.error("could not write peer partials at shutdown: {error}", error=e)
+        finally:
+            self._db.close()
+            self._lock.close()
+
+    # -- on the writer thread --------------------------------------------------------
+
+    def _commit(self, rows: list[tuple[str, str, int]], keys: list[IdempotencyRecord]) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(_UPSERT_PARTIAL, rows)
+            if keys:
+                db.executemany(_INSERT_KEY, [attrs.astuple(k) for k in keys])
+                self._prune_keys(keys[-1].created)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _prune_keys(self, now: float) -> None:
+        if now - self._last_prune < 60:
+            return
+        self._last_prune = now
+        self._db.execute("DELETE FROM idempotency WHERE created < ?", (now - self.settings.idempotency_window,))
+        self._db.execute(
+            "DELETE FROM idempotency WHERE key IN "
+            "(SELECT key FROM idempotency ORDER BY created DESC LIMIT -1 OFFSET ?)",
+            (self.settings.idempotency_max_keys,),
+        )
+
+    def _set_meta(self, key: str, value: str) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _checkpoint(self) -> Deferred[None]:
+        d = self._in_thread(self._db.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        d.addCallback(lambda _: None)
+        d.addErrback(lambda f: log.failure("WAL checkpoint failed", f))
+        return d
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @property
+    def _replica_id(self) -> str:
+        if not hasattr(self, "_cached_replica_id"):
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()
+            self._cached_replica_id = row[0]
+        return self._cached_replica_id
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._closed:
+            return fail(StoreError("the store is closed"))
+        return deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    def _flush_peers(self) -> None:
+        self._flush_call = None
+        self.flush().addErrback(lambda f: log.failure("could not store peer partials; will retry", f))
+
+    def _take_peer_backlog(self) -> list[tuple[str, str, int]]:
+        backlog, self._peer_backlog = self._peer_backlog, {}
+        return [(name, replica, count) for (name, replica), count in backlog.items()]
+
+    def _restore_peer_backlog(self, failure: Any, peers: list[tuple[str, str, int]]) -> Any:
+        if peers:
+            self.write_peers({name: {replica: count} for name, replica, count in peers})
+        return failure
+
+
+def _lock_data_dir(path: Path) -> Any:
+    """Create the data dir if needed, check it is writable, and lock it so
+    that two nodes never share one."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot create the data directory: {e.strerror or e}") from None
+    lock_path = path / LOCK_FILE
+    try:
+        lock = open(lock_path, "a+")
+    except OSError as e:
+        raise StoreError(f"{lock_path}: data directory is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise StoreError(
+            f"{lock_path}: the data directory is in use by another running counterdb (pid {holder})"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _open_database(db_path: Path, synchronous: str) -> sqlite3.Connection:
+    existed = db_path.exists()
+    try:
+        db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise StoreError(f"{db_path}: cannot open the database: {e}") from None
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if version == 0 and tables == 0:
+            _create_schema(db)
+        elif version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{db_path}: unknown schema version {version} (this counterdb reads version {SCHEMA_VERSION}); "
+                "refusing to touch it"
+            )
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{db_path}: cannot switch to WAL mode (got {mode!r})")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise StoreError(f"{db_path}: the database is corrupt: {'; '.join(problems[:3])}")
+    except sqlite3.DatabaseError as e:
+        db.close()
+        what = "is corrupt or not a counterdb database" if existed else "cannot be created"
+        raise StoreError(f"{db_path}: {what}: {e}") from None
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    for statement in _SCHEMA.strip().split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO meta (key, value) VALUES ('replica_id', ?)", (new_replica_id(),))
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    db.execute("COMMIT")

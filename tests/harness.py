@@ -85,7 +85,7 @@ class FakeNet:
 
     def add(self, host: str, store: Store | None = None, start: bool = True) -> SimNode:
         store = store or MemoryStore()
-        node = Node(store)
+        node = Node(store, self.clock)
         cluster = Cluster(
             node,
             self.http,

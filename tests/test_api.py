@@ -331,3 +331,36 @@ def test_internal_errors_are_500_and_the_node_keeps_serving(solo: FakeNet, monke
     assert "internal error" in error_of(content)
     monkeypatch.undo()
     assert solo.request("GET", HOST, "/counter/c/value") == (200, b"0")
+
+
+# -- idempotency keys ----------------------------------------------------------------
+
+
+def test_idempotency_key_replays_the_original_answer(solo: FakeNet) -> None:
+    headers = {"Idempotency-Key": ["3f1c9a4e-retry-me"]}
+    first = solo.result(solo.http.post(f"http://{HOST}:8080/counter/c", data=b"5", headers=headers))
+    solo.increment(HOST, "c", "1")  # someone else's increment in between
+    again = solo.result(solo.http.post(f"http://{HOST}:8080/counter/c", data=b"5", headers=headers))
+    assert solo.result(first.content()) == solo.result(again.content()) == b"5"
+    assert again.headers.getRawHeaders("idempotent-replayed") == ["true"]
+    assert first.headers.getRawHeaders("idempotent-replayed") is None
+    assert solo.value(HOST, "c") == 6
+
+
+def test_idempotency_key_with_a_different_request_is_422(solo: FakeNet) -> None:
+    headers = {"Idempotency-Key": ["k-1"]}
+    solo.result(solo.http.post(f"http://{HOST}:8080/counter/c", data=b"5", headers=headers))
+    for path, body in (("/counter/c", b"6"), ("/counter/d", b"5")):
+        response = solo.result(solo.http.post(f"http://{HOST}:8080{path}", data=body, headers=headers))
+        assert response.code == 422
+        assert "already used" in error_of(solo.result(response.content()))
+    assert solo.value(HOST, "c") == 5 and solo.value(HOST, "d") == 0
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 256, "tab\there", "é"])
+def test_malformed_idempotency_keys_are_400(solo: FakeNet, key: str) -> None:
+    headers = {b"Idempotency-Key": [key.encode("utf-8")]}
+    response = solo.result(solo.http.post(f"http://{HOST}:8080/counter/c", data=b"1", headers=headers))
+    assert response.code == 400
+    assert "Idempotency-Key" in error_of(solo.result(response.content()))
+    assert solo.value(HOST, "c") == 0

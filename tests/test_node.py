@@ -6,10 +6,11 @@ import json
 
 from harness import FakeNet
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 
 from counterdb.crdt import MAX_COUNT
-from counterdb.node import Node, Overflow, StoreUnavailable
-from counterdb.store import MemoryStore
+from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
+from counterdb.store import IdempotencyRecord, MemoryStore
 
 
 class SlowStore(MemoryStore):
@@ -19,25 +20,29 @@ class SlowStore(MemoryStore):
         super().__init__()
         self.commits: list[tuple[dict[str, int], Deferred[None]]] = []
 
-    def write_own(self, partials: dict[str, int]) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        self.commits.append((dict(partials), d))
+        self.commits.append((dict(partials), list(keys), d))
         return d
 
     def finish(self, index: int = -1) -> None:
-        partials, d = self.commits[index]
-        super().write_own(partials)
+        partials, keys, d = self.commits[index]
+        super().write_own(partials, keys)
         d.callback(None)
+
+    def fail(self, index: int = -1) -> None:
+        self.commits[index][2].errback(OSError(5, "Input/output error"))
 
 
 class BrokenStore(MemoryStore):
-    def write_own(self, partials: dict[str, int]) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
         return fail(OSError(28, "No space left on device"))
 
 
-def outcome(d: Deferred[object]) -> list[object]:
+def outcome(d: Deferred[Acknowledged]) -> list[object]:
+    """What ``d`` fired with so far: the acknowledged value, or the Failure."""
     seen: list[object] = []
-    d.addBoth(seen.append)
+    d.addBoth(lambda r: seen.append(r.value if isinstance(r, Acknowledged) else r))
     return seen
 
 
@@ -67,7 +72,7 @@ def test_a_failed_commit_counts_nothing_and_the_next_one_works() -> None:
     store = SlowStore()
     node = Node(store)
     failed = outcome(node.increment("c", 5))
-    store.commits[0][1].errback(OSError(5, "Input/output error"))
+    store.fail(0)
     assert failed[0].check(StoreUnavailable)  # type: ignore[attr-defined]
     assert node.value("c") == 0
     ok = outcome(node.increment("c", 1))
@@ -108,3 +113,72 @@ def test_state_is_loaded_from_the_store() -> None:
     store.write_peers({"c": {"other": 4}})
     assert Node(store).value("c") == 7
     assert Node(store).replica_id == store.replica_id
+
+
+# -- idempotency keys -------------------------------------------------------------
+
+
+def test_a_repeated_key_is_answered_without_counting_again() -> None:
+    clock = Clock()
+    node = Node(MemoryStore(), clock)
+    first: list[Acknowledged] = []
+    again: list[Acknowledged] = []
+    node.increment("c", 5, key="k1").addCallback(first.append)
+    node.increment("c", 5, key="k1").addCallback(again.append)
+    assert first == [Acknowledged(5)] and again == [Acknowledged(5, replayed=True)]
+    assert node.value("c") == 5
+
+
+def test_a_key_reused_for_another_request_is_refused() -> None:
+    node = Node(MemoryStore(), Clock())
+    outcome(node.increment("c", 5, key="k1"))
+    for name, amount in (("c", 6), ("d", 5)):
+        refused = outcome(node.increment(name, amount, key="k1"))
+        assert refused[0].check(KeyReused)  # type: ignore[attr-defined]
+    assert node.value("c") == 5 and node.value("d") == 0
+
+
+def test_a_retry_while_the_first_attempt_is_still_committing_shares_its_outcome() -> None:
+    store = SlowStore()
+    node = Node(store, Clock())
+    outcome(node.increment("c", 1))  # occupies the writer
+    first = outcome(node.increment("c", 2, key="k"))
+    retry = outcome(node.increment("c", 2, key="k"))
+    store.finish(0)
+    store.finish(1)
+    assert first == retry == [3]
+    assert node.value("c") == 3
+    assert [k.key for k in store.commits[1][1]] == ["k"]  # recorded once, with its partial
+
+
+def test_a_key_whose_commit_failed_can_be_retried() -> None:
+    store = SlowStore()
+    node = Node(store, Clock())
+    failed = outcome(node.increment("c", 2, key="k"))
+    store.fail(0)
+    assert failed[0].check(StoreUnavailable)  # type: ignore[attr-defined]
+    retried = outcome(node.increment("c", 2, key="k"))
+    store.finish(1)
+    assert retried == [2] and node.value("c") == 2
+
+
+def test_keys_survive_a_restart_and_expire_after_the_window() -> None:
+    clock = Clock()
+    clock.advance(1_000_000)
+    store = MemoryStore()
+    outcome(Node(store, clock, idempotency_window=3600).increment("c", 4, key="k"))
+    clock.advance(3599)
+    restarted = Node(store, clock, idempotency_window=3600)
+    assert outcome(restarted.increment("c", 4, key="k")) == [4]
+    assert restarted.value("c") == 4
+    clock.advance(2)
+    expired = Node(store, clock, idempotency_window=3600)
+    assert outcome(expired.increment("c", 4, key="k")) == [8]
+
+
+def test_only_the_newest_keys_are_kept_past_the_limit() -> None:
+    node = Node(MemoryStore(), Clock(), idempotency_max_keys=3)
+    for i in range(5):
+        outcome(node.increment("c", 1, key=f"k{i}"))
+    assert outcome(node.increment("c", 1, key="k4")) == [5]  # still known
+    assert outcome(node.increment("c", 1, key="k0")) == [6]  # forgotten: counted
