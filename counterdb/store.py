@@ -188,6 +188,7 @@ class SqliteStore:
         except BaseException:
             self._lock.close()
             raise
+        self.replica_id: str = self._db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()[0]
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="counterdb-store")
         self._pool.start()
         self._peer_backlog: dict[tuple[str, str], int] = {}
@@ -217,12 +218,12 @@ class SqliteStore:
         ]
         keys.reverse()
         entries = db.execute("SELECT counter, replica, count FROM partials")
-        return LoadedState(meta["replica_id"], actors, entries, keys)
+        return LoadedState(self.replica_id, actors, entries, keys)
 
     # -- writes ------------------------------------------------------------------
 
     def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
-        own = [(name, self._replica_id, count) for name, count in partials.items()]
+        own = [(name, self.replica_id, count) for name, count in partials.items()]
         peers = self._take_peer_backlog()
         d = self._in_thread(self._commit, own + peers, keys)
         d.addErrback(self._restore_peer_backlog, peers)
@@ -312,13 +313,6 @@ class SqliteStore:
         return d
 
     # -- helpers -----------------------------------------------------------------------
-
-    @property
-    def _replica_id(self) -> str:
-        if not hasattr(self, "_cached_replica_id"):
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()
-            self._cached_replica_id = row[0]
-        return self._cached_replica_id
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._closed:

@@ -1,0 +1,155 @@
+"""The SQLite store: round trips, schema versions, refusals and disk errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from counterdb.node import Node, StoreUnavailable
+from counterdb.store import DB_FILE, IdempotencyRecord, SqliteStore, StoreError, StoreSettings
+
+
+@pytest.fixture
+def opened(tmp_path: Path) -> Iterator[list[SqliteStore]]:
+    """Stores opened by a test; closed afterwards whatever happens."""
+    stores: list[SqliteStore] = []
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def open_store(stores: list[SqliteStore], path: Path, **settings: Any) -> SqliteStore:
+    store = SqliteStore(str(path), reactor, StoreSettings(**settings))
+    stores.append(store)
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_round_trip_of_everything_persisted(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path / "data")
+    replica = store.load().replica_id
+    await store.write_own({"a": 3, "b": 1}, [IdempotencyRecord("k", "a", 3, 3, 1e10)])
+    await store.write_peers({"a": {"peer": 7}})
+    await store.write_config(["10.0.0.1", "10.0.0.2"])
+    store.close()
+
+    loaded = open_store(opened, tmp_path / "data").load()
+    assert loaded.replica_id == replica
+    assert loaded.actors == ["10.0.0.1", "10.0.0.2"]
+    assert set(loaded.entries) == {("a", "peer", 7), ("a", replica, 3), ("b", replica, 1)}
+    assert loaded.idempotency == [IdempotencyRecord("k", "a", 3, 3, 1e10)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_counts_never_go_backwards(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path)
+    await store.write_peers({"a": {"peer": 7}})
+    await store.flush()
+    await store.write_peers({"a": {"peer": 5}})  # a late, older copy
+    await store.flush()
+    store.close()
+    assert list(open_store(opened, tmp_path).load().entries) == [("a", "peer", 7)]
+
+
+def test_a_new_data_dir_gets_a_new_replica_id(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    first = open_store(opened, tmp_path / "one").load().replica_id
+    second = open_store(opened, tmp_path / "two").load().replica_id
+    assert first != second and len(first) == 32
+
+
+def test_a_locked_data_dir_is_refused(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    open_store(opened, tmp_path)
+    with pytest.raises(StoreError, match=r"counterdb.lock: .*in use by another running counterdb \(pid \d+\)"):
+        open_store(opened, tmp_path)
+
+
+def test_a_corrupt_database_is_refused(tmp_path: Path) -> None:
+    (tmp_path / DB_FILE).write_bytes(b"this is not an sqlite database, it is garbage" * 100)
+    with pytest.raises(StoreError, match=f"{DB_FILE}: is corrupt or not a counterdb database"):
+        SqliteStore(str(tmp_path), reactor)
+
+
+def test_an_unknown_schema_version_is_refused(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    open_store(opened, tmp_path).close()
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="unknown schema version 99"):
+        SqliteStore(str(tmp_path), reactor)
+
+
+def test_a_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    db.execute("CREATE TABLE something_else (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="unknown schema version 0"):
+        SqliteStore(str(tmp_path), reactor)
+
+
+def test_a_data_dir_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot create the data directory"):
+        SqliteStore(str(tmp_path / "file" / "data"), reactor)
+
+
+def test_a_refused_data_dir_releases_its_lock(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    (tmp_path / DB_FILE).write_bytes(b"garbage" * 1000)
+    with pytest.raises(StoreError):
+        SqliteStore(str(tmp_path), reactor)
+    (tmp_path / DB_FILE).unlink()
+    open_store(opened, tmp_path)  # not "in use by another counterdb"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_disk_fails_the_increment_and_recovers(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path)
+    node = Node(store)
+    await node.increment("warm-up", 1)
+    # Cap the database at its current size: the next new rows do not fit,
+    # exactly as on a full disk (SQLITE_FULL).
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreUnavailable, match="full"):
+        for i in range(200):
+            await node.increment(f"counter-with-a-long-name-{i:04}" + "x" * 200, 1)
+    filled = sum(node.value(f"counter-with-a-long-name-{i:04}" + "x" * 200) for i in range(200))
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # space again
+    ack = await node.increment("after", 2)
+    assert ack.value == 2
+    store.close()
+    # Only what was acknowledged was stored; the failed increment left nothing.
+    entries = list(open_store(opened, tmp_path).load().entries)
+    stored = sum(count for name, _, count in entries if name.startswith("counter-with-a-long-name-"))
+    assert stored == filled and filled < 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_fast_durability_mode_still_round_trips(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path, durability="fast")
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    await Node(store).increment("c", 4)
+    store.close()
+    assert Node(open_store(opened, tmp_path)).value("c") == 4
+
+
+def test_default_durability_fsyncs_every_commit(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_keys_survive_a_restart(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    node = Node(open_store(opened, tmp_path))
+    await node.increment("c", 3, key="retry-1")
+    opened[0].close()
+    restarted = Node(open_store(opened, tmp_path))
+    ack = await restarted.increment("c", 3, key="retry-1")
+    assert ack.replayed and ack.value == 3 and restarted.value("c") == 3
