@@ -26,12 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from counterdb.crdt import MAX_COUNT, CounterTable, Partials
-from counterdb.store import IdempotencyRecord, Store
-
-#: How long, and for how many keys at most, an idempotency key is remembered.
-IDEMPOTENCY_WINDOW = 24 * 3600.0
-IDEMPOTENCY_MAX_KEYS = 1_000_000
-
+from counterdb.store import IDEMPOTENCY_MAX_KEYS, IDEMPOTENCY_WINDOW, IdempotencyRecord, Store
 
 class Overflow(ValueError):
     """The increment would take the counter above :data:`MAX_COUNT`."""

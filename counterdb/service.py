@@ -23,7 +23,7 @@ from twisted.web.server import Site
 from counterdb.actors import Actor, ConfigError
 from counterdb.api import CounterAPI
 from counterdb.node import Node
-from counterdb.store import MemoryStore, Store
+from counterdb.store import SqliteStore, Store, StoreError, StoreSettings
 from counterdb.sync import Cluster, Identity, SyncSettings
 
 log = Logger()
@@ -39,6 +39,7 @@ class ServiceConfig:
     advertise: Actor | None = None
     actors: list[str] | None = None
     sync: SyncSettings = SyncSettings()
+    store: StoreSettings = StoreSettings()
 
 
 class CounterDBSite(Site):
@@ -131,8 +132,8 @@ class CounterDBService(MultiService):
     def __init__(self, config: ServiceConfig, store: Store | None = None) -> None:
         super().__init__()
         self.config = config
-        self.store = store or MemoryStore()
-        self.node = Node(self.store)
+        self.store = store or _open_store(config)
+        self.node = Node(self.store, global_reactor)
         self.pool = HTTPConnectionPool(global_reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
         http = HTTPClient(Agent(global_reactor, pool=self.pool, connectTimeout=config.sync.peer_timeout))
@@ -154,3 +155,11 @@ class CounterDBService(MultiService):
         d = super().stopService()
         d.addBoth(lambda result: (self.store.close(), result)[1])
         return d
+
+
+def _open_store(config: ServiceConfig) -> SqliteStore:
+    try:
+        return SqliteStore(config.data_dir, global_reactor, config.store)
+    except StoreError as e:
+        # Refuse to start: never fall back to a store that forgets.
+        raise SystemExit(f"counterdb: cannot use the data directory: {e}") from None

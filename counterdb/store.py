@@ -30,6 +30,11 @@ from counterdb.crdt import Partials
 log = Logger()
 
 
+#: How long, and for how many keys at most, an idempotency key is remembered.
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+IDEMPOTENCY_MAX_KEYS = 1_000_000
+
+
 def new_replica_id() -> str:
     """A fresh replica id: random, so a wiped data dir never reuses an old one."""
     return uuid.uuid4().hex
@@ -164,8 +169,8 @@ class StoreSettings:
     durability: str = "full"
     peer_flush_interval: float = 1.0  # seconds peer partials may wait in memory
     checkpoint_interval: float = 1.0  # seconds between WAL checkpoints in "fast" mode
-    idempotency_window: float = 24 * 3600.0
-    idempotency_max_keys: int = 1_000_000
+    idempotency_window: float = IDEMPOTENCY_WINDOW
+    idempotency_max_keys: int = IDEMPOTENCY_MAX_KEYS
 
 
 class SqliteStore:

@@ -15,6 +15,7 @@ from twisted.python import usage
 
 from counterdb.actors import ConfigError, parse_actor, parse_actors
 from counterdb.service import CounterDBService, ServiceConfig
+from counterdb.store import DURABILITY, StoreSettings
 from counterdb.sync import SyncSettings
 
 _DEFAULTS = SyncSettings()
@@ -55,7 +56,14 @@ class Options(usage.Options):
         ],
         ["interface", None, None, "Bind address when --port is a plain number (default: all)."],
         ["advertise", None, None, "This node's entry in the actors list (HOST[:PORT]), when it cannot be derived."],
-        ["data-dir", "d", "./counterdb-data", "Directory holding this node's data."],
+        ["data-dir", "d", "./counterdb-data", "Directory holding this node's data (created if missing)."],
+        [
+            "durability",
+            None,
+            "full",
+            "full: fsync before acknowledging each commit. fast: fsync every second; "
+            "survives kill -9 but a power loss may lose the last second of increments.",
+        ],
         ["actors", None, None, "Comma-separated actors list to start with (same meaning as POST /config)."],
         ["poll-interval", None, _DEFAULTS.poll_interval, "Seconds between polls of each peer.", _seconds],
         ["push-retries", None, _DEFAULTS.push_retries, "Retries of a failed push before leaving a peer to polling.", _count],
@@ -72,6 +80,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--port {self['port']!r}: systemd passed no such socket (LISTEN_FDS)")
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--port {self['port']!r} is not a usable endpoint: {e}")
+        if self["durability"] not in DURABILITY:
+            raise usage.UsageError(f"--durability must be one of: {', '.join(DURABILITY)}")
         if self["backoff-max"] < self["backoff-initial"]:
             raise usage.UsageError("--backoff-max must not be smaller than --backoff-initial")
         try:
@@ -111,5 +121,6 @@ def makeService(options: Options) -> CounterDBService:
         advertise=options["advertise"],
         actors=options["actors"],
         sync=settings,
+        store=StoreSettings(durability=options["durability"]),
     )
     return CounterDBService(config)

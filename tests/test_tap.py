@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.application.service import IServiceCollection
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.python.usage import UsageError
 
 from counterdb.service import CounterDBService
@@ -62,6 +66,7 @@ def test_systemd_endpoint_without_a_passed_socket_is_a_usage_error() -> None:
         (["--actors", "10.0.0.1,10.0.0.1"], "duplicate"),
         (["--advertise", "[::1"], "missing ']'"),
         (["--no-such-flag"], "no-such-flag"),
+        (["--durability", "sometimes"], "--durability must be one of: full, fast"),
     ],
 )
 def test_malformed_options_are_usage_errors(args: list[str], fragment: str) -> None:
@@ -75,22 +80,38 @@ def test_actors_and_advertise_are_parsed() -> None:
     assert options["advertise"].port == 9000
 
 
-def test_make_service_is_a_multiservice_of_listener_and_sync() -> None:
-    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5"))
-    assert isinstance(service, CounterDBService)
-    assert len(list(IServiceCollection(service))) == 2
-    assert service.cluster.settings.poll_interval == 0.5
+def test_make_service_is_a_multiservice_of_listener_and_sync(tmp_path: Path) -> None:
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5", "--data-dir", str(tmp_path)))
+    try:
+        assert isinstance(service, CounterDBService)
+        assert len(list(IServiceCollection(service))) == 2
+        assert service.cluster.settings.poll_interval == 0.5
+    finally:
+        service.store.close()
+
+
+def test_an_unusable_data_dir_stops_the_start_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot create the data directory"):
+        makeService(parse("--data-dir", str(tmp_path / "file" / "data")))
 
 
 @pytest_twisted.ensureDeferred
-async def test_service_serves_on_a_real_socket_and_stops_cleanly() -> None:
-    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9"))
+async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path) -> None:
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9", "--data-dir", str(tmp_path)))
     service.privilegedStartService()
     service.startService()
     try:
         port = service.web.port.getHost().port
         base = f"http://127.0.0.9:{port}"
-        assert service.cluster.membership is not None  # --actors found itself on the bound address
+        # --actors found itself on the bound address; the config is applied
+        # once the store has recorded it.
+        for _ in range(200):
+            if service.cluster.membership is not None:
+                break
+            await deferLater(reactor, 0.01)
+        assert service.cluster.membership is not None
+        assert service.cluster.membership.self_index == 0
         response = await treq.post(f"{base}/counter/c", data=b"4")
         assert (response.code, await response.text()) == (200, "4")
         response = await treq.get(f"{base}/counter/c/consistent_value")
@@ -100,23 +121,28 @@ async def test_service_serves_on_a_real_socket_and_stops_cleanly() -> None:
     assert service.web.port is None
 
 
-def test_startup_actors_that_do_not_contain_this_node_stop_the_start() -> None:
-    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.10,127.0.0.11"))
+def test_startup_actors_that_do_not_contain_this_node_stop_the_start(tmp_path: Path) -> None:
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.10,127.0.0.11", "--data-dir", str(tmp_path)))
     service.privilegedStartService()
     try:
         with pytest.raises(SystemExit, match="not in the actors list"):
             service.startService()
     finally:
         service.web.stopService()
+        service.store.close()
 
 
-def test_a_port_in_use_stops_the_start_with_the_reason() -> None:
-    first = makeService(parse("--port", "tcp:0:interface=127.0.0.9"))
+def test_a_port_in_use_stops_the_start_with_the_reason(tmp_path: Path) -> None:
+    first = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path / "1")))
     first.privilegedStartService()
+    second = None
     try:
         taken = first.web.port.getHost().port
-        second = makeService(parse("--port", f"tcp:{taken}:interface=127.0.0.9"))
+        second = makeService(parse("--port", f"tcp:{taken}:interface=127.0.0.9", "--data-dir", str(tmp_path / "2")))
         with pytest.raises(SystemExit, match="cannot listen"):
             second.privilegedStartService()
     finally:
         first.web.stopService()
+        first.store.close()
+        if second is not None:
+            second.store.close()
