@@ -153,15 +153,18 @@ class CounterTable:
         keeps a table of a million counters from holding millions of copies.
         """
         replicas: dict[str, str] = {}
+        counters, versions = self._counters, self._versions
         for name, replica, count in entries:
             if count <= 0:
                 continue
             replica = replicas.setdefault(replica, replica)
-            current = self._counters.setdefault(name, {})
-            current[replica] = max(count, current.get(replica, 0))
-            if name not in self._versions:
+            current = counters.get(name)
+            if current is None:
+                current = counters[name] = {}
                 self.version += 1
-                self._versions[name] = self.version
+                versions[name] = self.version
+            if count > current.get(replica, 0):
+                current[replica] = count
 
     def changes_since(self, since: int, limit: int | None = None) -> tuple[dict[str, Partials], int, bool]:
         """The counters changed after version ``since``, oldest change first.
