@@ -261,6 +261,8 @@ def _timeout_arg(request: IRequest) -> float | None:
 
 
 def _config_error(failure: Failure) -> None:
+    if failure.check(StoreUnavailable):
+        raise ClientError(503, str(failure.value))
     failure.trap(ConfigError)
     raise ClientError(400, str(failure.value))
 

@@ -38,7 +38,7 @@ from counterdb.actors import (
     resolve_host,
 )
 from counterdb.crdt import Partials, validate_counters, validate_partials
-from counterdb.node import Node
+from counterdb.node import Node, StoreUnavailable
 
 log = Logger()
 
@@ -352,8 +352,12 @@ class Cluster:
 
     def _persist_membership(self, membership: Membership) -> Deferred[Membership]:
         d = self.node.store.write_config([a.entry for a in membership.actors])
-        d.addCallback(lambda _: self._apply_membership(membership))
+        d.addCallbacks(lambda _: self._apply_membership(membership), self._config_not_stored)
         return d
+
+    def _config_not_stored(self, failure: Failure) -> None:
+        log.failure("could not store the actors list", failure)
+        raise StoreUnavailable(f"could not record the configuration: {failure.getErrorMessage()}")
 
     def _apply_membership(self, membership: Membership) -> Membership:
         port = self.identity.listen_port

@@ -182,3 +182,17 @@ def test_only_the_newest_keys_are_kept_past_the_limit() -> None:
         outcome(node.increment("c", 1, key=f"k{i}"))
     assert outcome(node.increment("c", 1, key="k4")) == [5]  # still known
     assert outcome(node.increment("c", 1, key="k0")) == [6]  # forgotten: counted
+
+
+class ConfigFailsStore(MemoryStore):
+    def write_config(self, actors: list[str]) -> Deferred[None]:
+        return fail(OSError(30, "Read-only file system"))
+
+
+def test_a_config_the_store_cannot_record_is_503_and_not_applied() -> None:
+    net = FakeNet()
+    net.add("127.0.0.2", store=ConfigFailsStore())
+    code, content = net.request("POST", "127.0.0.2", "/config", {"actors": ["127.0.0.2", "127.0.0.3"]})
+    assert code == 503
+    assert "Read-only" in json.loads(content)["error"]
+    assert net.nodes["127.0.0.2"].cluster.membership is None
