@@ -312,10 +312,14 @@ class SqliteStore:
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def _checkpoint(self) -> Deferred[None]:
-        d = self._in_thread(self._db.execute, "PRAGMA wal_checkpoint(PASSIVE)")
-        d.addCallback(lambda _: None)
+        d = self._in_thread(self._run_checkpoint)
         d.addErrback(lambda f: log.failure("WAL checkpoint failed", f))
         return d
+
+    def _run_checkpoint(self) -> None:
+        # Read the result here: a statement left open on the shared
+        # connection would make the next COMMIT fail.
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- helpers -----------------------------------------------------------------------
 

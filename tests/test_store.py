@@ -153,3 +153,13 @@ async def test_idempotency_keys_survive_a_restart(tmp_path: Path, opened: list[S
     restarted = Node(open_store(opened, tmp_path))
     ack = await restarted.increment("c", 3, key="retry-1")
     assert ack.replayed and ack.value == 3 and restarted.value("c") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_fast_mode_checkpoints_never_break_commits(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path, durability="fast")
+    node = Node(store)
+    for i in range(30):
+        await store._checkpoint()
+        ack = await node.increment("c", 1)
+        assert ack.value == i + 1
