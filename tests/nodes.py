@@ -1,0 +1,533 @@
+"""
+Run real counterdb nodes (``twistd -n counterdb``) as subprocesses for tests.
+
+Not a test module: plain synchronous helpers (``subprocess`` and
+``urllib.request``), used by ``test_integration.py`` and ``test_plugin.py``.
+
+Every node runs the checkout's code: ``PYTHONPATH`` is set to the repository
+root, so both ``counterdb`` and ``twisted/plugins/counterdb_plugin.py`` come
+from this tree rather than from a possibly stale installed copy. Each node
+gets its own working directory with its log file ``node.log`` in it.
+
+Nothing here sleeps for a fixed time: everything that waits polls a
+condition until a deadline (:func:`wait_until`), and every failure message
+carries the tail of the nodes' logs so CI output is enough to debug it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: twistd run by *this* interpreter. ``python -m twisted`` is not usable
+#: here: it runs ``twist``, which has neither ``-n`` nor ``--pidfile``, and
+#: ``twisted.scripts.twistd`` has no ``__main__`` block.
+TWISTD_IN_THIS_PYTHON = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+#: Start-up deadline: importing Twisted and Klein takes ~1 s on an idle
+#: machine, much more on a busy CI runner.
+START_TIMEOUT = 15.0
+#: How long a node gets to exit after SIGTERM before it is SIGKILLed.
+STOP_TIMEOUT = 5.0
+#: Default client-side timeout of every HTTP call.
+HTTP_TIMEOUT = 5.0
+#: Lines of each node's log quoted in failure messages.
+LOG_TAIL_LINES = 40
+
+T = TypeVar("T")
+
+#: Access log lines of the tests' own polling: noise in failure messages.
+_POLLING = re.compile(r'"GET (/config|/counter/[^ ]*/value) HTTP/1\.1" 200 ')
+
+
+def twistd_command() -> list[str]:
+    """The installed ``twistd`` console script of this interpreter.
+
+    Prefers the script next to ``sys.executable`` (or in this interpreter's
+    scripts directory) over whatever ``twistd`` comes first on ``PATH``, which
+    may belong to another Python; falls back to running twistd in-process
+    through ``sys.executable``.
+    """
+    for directory in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        candidate = directory / "twistd"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return [str(candidate)]
+    found = shutil.which("twistd")
+    if found:
+        return [found]
+    return list(TWISTD_IN_THIS_PYTHON)
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a node running this checkout's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without ``PYTHONPATH``: only installed code is used."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# -- waiting -----------------------------------------------------------------
+
+
+class WaitTimeout(AssertionError):
+    """:func:`wait_until` ran out of time."""
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "condition",
+    details: Callable[[], str] | None = None,
+    retry_on: tuple[type[BaseException], ...] = (OSError,),
+) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns
+    something truthy, and return that.
+
+    After ``timeout`` seconds raise :class:`WaitTimeout` saying what was
+    awaited (``message``, or its result if it is a callable, evaluated then),
+    the last result or error, and then ``details()`` if given (node logs).
+    Exceptions of the types in ``retry_on`` count as "not yet" (a node that
+    is still starting refuses connections); any other exception propagates.
+    """
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    last: Any = None
+    last_error: BaseException | None = None
+    while True:
+        attempts += 1
+        try:
+            last = predicate()
+            last_error = None
+        except retry_on as e:
+            last, last_error = None, e
+        else:
+            if last:
+                return last
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        time.sleep(min(interval, remaining))
+    what = message() if callable(message) else message
+    outcome = f"last error: {last_error!r}" if last_error is not None else f"last result: {last!r}"
+    text = f"timed out after {timeout:g} s ({attempts} attempts) waiting for {what}; {outcome}"
+    if details is not None:
+        text += "\n" + details()
+    raise WaitTimeout(text)
+
+
+# -- HTTP ----------------------------------------------------------------------
+
+
+class Response:
+    def __init__(self, status: int, body: bytes, headers: Any, elapsed: float) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.elapsed = elapsed
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.body[:300]!r} after {self.elapsed:.3f} s>"
+
+
+def http_request(
+    url: str,
+    method: str = "GET",
+    body: bytes | str | None = None,
+    timeout: float = HTTP_TIMEOUT,
+    content_type: str | None = None,
+) -> Response:
+    """One HTTP exchange. Any status is returned as a :class:`Response`;
+    network failures and timeouts raise (``urllib.error.URLError``,
+    ``TimeoutError``: both are ``OSError``)."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    request = urllib.request.Request(url, data=body, method=method)
+    if content_type is not None:
+        request.add_header("Content-Type", content_type)
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            data = answer.read()
+            return Response(answer.status, data, answer.headers, time.monotonic() - started)
+    except urllib.error.HTTPError as e:
+        with e:
+            data = e.read()
+        return Response(e.code, data, e.headers, time.monotonic() - started)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """True if ``error`` is urllib's way of saying the client timeout expired."""
+    if isinstance(error, urllib.error.URLError):
+        error = error.reason if isinstance(error.reason, BaseException) else error
+    return isinstance(error, (TimeoutError, socket.timeout))
+
+
+# -- nodes -------------------------------------------------------------------
+
+
+class NodeProcess:
+    """One ``twistd -n counterdb`` subprocess bound to ``host:port``."""
+
+    def __init__(self, host: str, port: int, workdir: Path, args: Sequence[str] = ()) -> None:
+        self.host = host
+        self.port = port
+        self.workdir = Path(workdir)
+        self.args = list(args)
+        self.log_path = self.workdir / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+        self.killed = False  # by the test, on purpose
+        #: Set by :meth:`stop` when the node did not end the normal way.
+        self.shutdown_problem: str | None = None
+        #: What failure messages quote: this node's log tail, or (set by
+        #: :class:`Cluster`) every node's, since a peer may be the culprit.
+        self.logs: Callable[[], str] = self.log_tail
+
+    def __repr__(self) -> str:
+        state = "not started" if self.proc is None else f"pid {self.proc.pid}"
+        return f"<node {self.host}:{self.port} {state}>"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            *TWISTD_IN_THIS_PYTHON,
+            "-n",
+            "--pidfile=",
+            "counterdb",
+            "--port",
+            str(self.port),
+            "--interface",
+            self.host,
+            "--data-dir",
+            str(self.workdir / "data"),
+            *self.args,
+        ]
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        assert self.proc is None, f"{self} already started"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"# {' '.join(self.command)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=self.workdir,
+                env=checkout_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own process group: a ^C meant for pytest does not kill
+                # the nodes before the fixture stops them in order.
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Poll until the node answers HTTP; fail at once if it exited."""
+
+        def answers() -> bool:
+            if not self.running():
+                raise AssertionError(
+                    f"{self} exited with status {self.proc.returncode} while starting\n{self.log_tail()}"  # type: ignore[union-attr]
+                )
+            return self.request("GET", "/config", timeout=1.0, raw=True).status == 200
+
+        wait_until(answers, timeout, 0.05, f"{self} to answer HTTP", details=self.log_tail)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def pause(self) -> None:
+        """SIGSTOP: the node keeps its sockets but answers nothing."""
+        assert self.running(), f"{self} is not running"
+        os.kill(self.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused and self.running():
+            os.kill(self.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        self.paused = False
+
+    def kill(self) -> None:
+        """SIGKILL, and reap the process."""
+        if self.proc is None:
+            return
+        self.killed = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.paused = False
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; always reaps the process.
+
+        Returns its exit status (None if it was never started). Unless the
+        test killed it, a node that had already exited, or did not end
+        cleanly within ``timeout`` of SIGTERM, gets a description of that in
+        :attr:`shutdown_problem`.
+        """
+        if self.proc is None:
+            return None
+        try:
+            self.resume()  # a stopped process would sit on SIGTERM forever
+            if self.proc.poll() is not None:
+                if not self.killed:
+                    self.shutdown_problem = f"had exited by itself with status {self.proc.returncode}"
+            else:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.shutdown_problem = f"was still running {timeout:g} s after SIGTERM: SIGKILLed"
+                    self.proc.kill()
+                else:
+                    # twistd shuts down, then re-raises the signal that stopped
+                    # it, so that its parent sees why it ended: -SIGTERM.
+                    if self.proc.returncode not in (0, -signal.SIGTERM):
+                        self.shutdown_problem = f"exited with status {self.proc.returncode} after SIGTERM"
+        finally:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of the node's log, leaving out the access
+        log lines of the tests' own polling (``GET /config``, ``GET .../value``)."""
+        try:
+            text = self.log_path.read_text("utf-8", "replace")
+        except OSError as e:
+            return f"--- {self}: no log ({e}) ---"
+        kept = [line for line in text.splitlines() if not _POLLING.search(line)]
+        tail = kept[-lines:]
+        state = "paused, " if self.paused else ""
+        if self.proc is not None and self.proc.poll() is not None:
+            state = f"exited with {self.proc.returncode}, "
+        header = f"--- {self} ({state}{self.log_path}): last {len(tail)} lines, polling requests left out ---"
+        return "\n".join([header, *tail])
+
+    # -- HTTP API ------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None = None,
+        timeout: float = HTTP_TIMEOUT,
+        content_type: str | None = None,
+        raw: bool = False,
+    ) -> Response:
+        """One HTTP exchange with this node, any status returned.
+
+        If the node does not answer (refused, reset, client ``timeout``
+        expired) this fails the test with the node logs in the message;
+        with ``raw`` the ``OSError`` propagates instead, for tests that
+        expect no answer.
+        """
+        try:
+            return http_request(self.url + path, method, body, timeout, content_type)
+        except OSError as e:
+            if raw:
+                raise
+            raise AssertionError(
+                f"{method} {path} on {self}: no answer within {timeout:g} s: {e!r}\n{self.logs()}"
+            ) from e
+
+    def _ok(self, response: Response, what: str) -> Response:
+        if response.status != 200:
+            raise AssertionError(f"{what} on {self}: expected 200, got {response!r}\n{self.logs()}")
+        return response
+
+    def post_config(self, actors: list[str], timeout: float = HTTP_TIMEOUT) -> dict[str, Any]:
+        body = json.dumps({"actors": actors})
+        response = self.request("POST", "/config", body, timeout, "application/json")
+        return self._ok(response, f"POST /config {body}").json()
+
+    def get_config(self, timeout: float = HTTP_TIMEOUT) -> dict[str, Any]:
+        return self._ok(self.request("GET", "/config", timeout=timeout), "GET /config").json()
+
+    def increment_response(
+        self, name: str, body: bytes | str | None = None, timeout: float = HTTP_TIMEOUT, raw: bool = False
+    ) -> Response:
+        """POST /counter/<name>: body None or "" adds 1, "5" adds 5, a JSON
+        ``{"addValue": n}`` adds n."""
+        return self.request("POST", f"/counter/{_quote(name)}", b"" if body is None else body, timeout, raw=raw)
+
+    def increment(self, name: str, body: bytes | str | None = None, timeout: float = HTTP_TIMEOUT) -> int:
+        """Increment and return the node's answer (its new local value)."""
+        response = self._ok(self.increment_response(name, body, timeout), f"POST /counter/{name} {body!r}")
+        return int(response.text)
+
+    def value(self, name: str, timeout: float = HTTP_TIMEOUT) -> int:
+        response = self._ok(self.request("GET", f"/counter/{_quote(name)}/value", timeout=timeout), f"GET {name}/value")
+        return int(response.text)
+
+    def consistent_value_response(
+        self, name: str, server_timeout: float | None = None, timeout: float = HTTP_TIMEOUT, raw: bool = False
+    ) -> Response:
+        """GET /counter/<name>/consistent_value[?timeout=server_timeout];
+        ``timeout`` is the client's own (urllib) timeout."""
+        query = "" if server_timeout is None else f"?timeout={server_timeout:g}"
+        return self.request("GET", f"/counter/{_quote(name)}/consistent_value{query}", timeout=timeout, raw=raw)
+
+    def consistent_value(self, name: str, server_timeout: float | None = None, timeout: float = HTTP_TIMEOUT) -> int:
+        response = self.consistent_value_response(name, server_timeout, timeout)
+        return int(self._ok(response, f"GET {name}/consistent_value").text)
+
+
+class Cluster:
+    """Several nodes started together; stopping it stops every one of them."""
+
+    def __init__(self, base_dir: Path, hosts: Sequence[str], port: int, args: Sequence[str] = ()) -> None:
+        self.port = port
+        self.nodes = [NodeProcess(host, port, Path(base_dir) / f"node-{host}", args) for host in hosts]
+        for node in self.nodes:
+            node.logs = self.logs
+
+    def __iter__(self) -> Iterator[NodeProcess]:
+        return iter(self.nodes)
+
+    def __getitem__(self, index: int) -> NodeProcess:
+        return self.nodes[index]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def hosts(self) -> list[str]:
+        return [node.host for node in self.nodes]
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        # Start every process before waiting for any: they boot in parallel.
+        for node in self.nodes:
+            node.start()
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            node.wait_ready(max(0.1, deadline - time.monotonic()))
+
+    def stop(self) -> list[str]:
+        """Resume paused nodes, then stop every node, whatever fails.
+
+        Returns what went wrong at shutdown (see
+        :attr:`NodeProcess.shutdown_problem`), one line per node.
+        """
+        errors: list[BaseException] = []
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.resume()
+        for node in self.nodes:
+            try:
+                node.stop()
+            except BaseException as e:  # noqa: BLE001 - keep stopping the others
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        return [f"{node} {node.shutdown_problem}" for node in self.nodes if node.shutdown_problem]
+
+    def logs(self) -> str:
+        return "\n".join(node.log_tail() for node in self.nodes)
+
+    def explain(self, what: str) -> str:
+        """An assertion message: ``what`` plus every node's log tail."""
+        return f"{what}\n{self.logs()}"
+
+    def wait_until(
+        self,
+        predicate: Callable[[], T],
+        timeout: float,
+        message: str | Callable[[], str],
+        interval: float = 0.05,
+    ) -> T:
+        """:func:`wait_until`, quoting every node's log tail on failure."""
+        return wait_until(predicate, timeout, interval, message, details=self.logs)
+
+
+@contextlib.contextmanager
+def running_cluster(
+    base_dir: Path, hosts: Sequence[str], port: int | None = None, args: Sequence[str] = ()
+) -> Iterator[Cluster]:
+    """Start nodes on ``hosts`` (all on one port) and always stop them.
+
+    When the block ended normally, also fails if a node crashed meanwhile
+    or did not shut down cleanly on SIGTERM (the test's own
+    :meth:`NodeProcess.kill` is fine).
+    """
+    cluster = Cluster(base_dir, hosts, port if port is not None else free_common_port(hosts), args)
+    try:
+        cluster.start()
+        yield cluster
+    except BaseException:
+        cluster.stop()
+        raise
+    problems = cluster.stop()
+    if problems:
+        raise AssertionError(cluster.explain("unclean node shutdown:\n" + "\n".join(problems)))
+
+
+def free_common_port(hosts: Sequence[str], first: int = 18080, tries: int = 200) -> int:
+    """A TCP port that can be bound on every one of ``hosts`` right now.
+
+    Starts at ``first``, below the usual ephemeral range (32768-60999 on
+    Linux), so outgoing connections are unlikely to grab it meanwhile.
+    """
+    for port in range(first, first + tries):
+        if all(_can_bind(host, port) for host in hosts):
+            return port
+    raise RuntimeError(f"no port in {first}..{first + tries - 1} is free on all of {list(hosts)}")
+
+
+def _can_bind(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Twisted listens with SO_REUSEADDR too: TIME_WAIT leftovers of a
+        # previous test do not keep the node from binding.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _quote(name: str) -> str:
+    """A counter name as one URL path segment."""
+    return urllib.parse.quote(name, safe="")
