@@ -7,6 +7,9 @@ Kept thin on purpose: it builds the node, the cluster and the API from a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import attrs
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
@@ -150,6 +153,24 @@ class CounterDBService(MultiService):
         self.web = WebService(config.endpoint, site)
         self.web.setServiceParent(self)
         SyncService(self.cluster, self.web, config, self.pool).setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        with self._closing_store_on_failure():
+            super().privilegedStartService()
+
+    def startService(self) -> None:
+        with self._closing_store_on_failure():
+            super().startService()
+
+    @contextmanager
+    def _closing_store_on_failure(self) -> Iterator[None]:
+        # A start that fails must release the data dir and stop the store's
+        # writer thread, or the process would hang instead of exiting.
+        try:
+            yield
+        except BaseException:
+            self.store.close()
+            raise
 
     def stopService(self) -> Deferred[object]:
         d = super().stopService()
