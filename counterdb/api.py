@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from counterdb.actors import ConfigError
@@ -31,7 +32,7 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_READ_TIMEOUT = 24 * 3600.0
 #: Longest Idempotency-Key accepted.
 MAX_IDEMPOTENCY_KEY = 255
-#: Largest number of entries one GET /sync answer may be asked for.
+#: Largest number of counters one GET /sync answer may be asked for.
 MAX_SYNC_LIMIT = 100_000
 
 
@@ -52,8 +53,8 @@ class CounterAPI:
         self.node = node
         self.cluster = cluster
 
-    def resource(self) -> KleinResource:
-        return self.app.resource()
+    def resource(self) -> IResource:
+        return _Utf8PathGuard(self.app.resource())
 
     # -- cluster configuration ----------------------------------------------
 
@@ -157,8 +158,6 @@ class CounterAPI:
             return _error(request, 405, f"method {request.method.decode('latin-1')} not allowed here; use {allowed}")
         if isinstance(error, HTTPException):
             return _error(request, error.code or 400, error.description or "bad request")
-        if type(error).__name__ == "URLDecodeError":
-            return _error(request, 400, "the URL path is not valid UTF-8")
         self.log.failure(
             "unexpected error answering {method} {path}",
             failure,
@@ -168,8 +167,30 @@ class CounterAPI:
         return _error(request, 500, "internal error; the node logged the details")
 
 
+#: Reason phrases Twisted does not know.
+_REASONS = {422: b"Unprocessable Content"}
+
+
+class _Utf8PathGuard(Resource):
+    """Answers a path that is not UTF-8 with our JSON 400; Klein would
+    answer it with an HTML page before any of our handlers run."""
+
+    isLeaf = True
+
+    def __init__(self, inner: KleinResource) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request: IRequest) -> object:
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(request, 400, "the URL path is not valid UTF-8 once percent-decoded")
+        return self.inner.render(request)
+
+
 def _error(request: IRequest, code: int, message: str) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, _REASONS.get(code))
     return _json(request, {"error": message})
 
 
@@ -289,7 +310,7 @@ def _increment_error(failure: Failure) -> None:
     if failure.check(Overflow):
         raise ClientError(400, str(failure.value))
     if failure.check(KeyReused):
-        raise ClientError(422, str(failure.value))
+        raise ClientError(422, str(failure.value))  # Unprocessable Content
     if failure.check(StoreUnavailable):
         raise ClientError(503, str(failure.value))
     failure.raiseException()

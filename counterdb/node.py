@@ -226,11 +226,12 @@ class Node:
         for listener in self._change_listeners:
             listener(changed)
         for pending in accepted:
-            for waiter in pending.waiters:
+            # Later waiters are repeats of the first request with the same key.
+            for i, waiter in enumerate(pending.waiters):
                 # The client may have gone away (Klein then cancels its
                 # Deferred): the increment counted, nobody is left to tell.
                 if not waiter.called:
-                    waiter.callback(Acknowledged(pending.answer))
+                    waiter.callback(Acknowledged(pending.answer, replayed=i > 0))
 
     def _batch_failed(self, failure: Failure, accepted: list[_PendingIncrement]) -> None:
         self.log.failure("could not make {count} increments durable", failure, count=len(accepted))

@@ -193,7 +193,7 @@ class SqliteStore:
         except BaseException:
             self._lock.close()
             raise
-        self.replica_id: str = self._db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()[0]
+        self.replica_id = self._claim_identity(settings.durability)
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="counterdb-store")
         self._pool.start()
         self._peer_backlog: dict[tuple[str, str], int] = {}
@@ -207,6 +207,27 @@ class SqliteStore:
             self._checkpoints.start(settings.checkpoint_interval, now=False)
 
     # -- start-up --------------------------------------------------------------
+
+    def _claim_identity(self, durability: str) -> str:
+        """This run's replica id: the stored one, unless the last run of a
+        "fast" node ended uncleanly. Its last second of increments may then
+        be gone from disk while peers still hold them, and increments on top
+        of the shorter partial would be hidden by the max-merge until they
+        caught up. A fresh id (like a replaced machine) avoids that."""
+        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        replica_id = meta["replica_id"]
+        if durability == "fast" and meta.get("clean_shutdown") == "0":
+            replica_id = new_replica_id()
+            log.warn(
+                "{db}: the last run did not shut down cleanly and fast durability may have lost its "
+                "last commits; continuing as new replica {new} (was {old})",
+                db=str(self.path / DB_FILE),
+                new=replica_id,
+                old=meta["replica_id"],
+            )
+            self._set_meta("replica_id", replica_id)
+        self._set_meta("clean_shutdown", "0")
+        return replica_id
 
     def load(self) -> LoadedState:
         db = self._db
@@ -273,6 +294,7 @@ class SqliteStore:
         try:
             if peers:
                 self._commit(peers, [])
+            self._set_meta("clean_shutdown", "1")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             log.error("could not write peer partials at shutdown: {error}", error=e)

@@ -17,6 +17,7 @@ runs under ``task.Clock`` and ``treq.testing.StubTreq`` in tests.
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any, Callable, Protocol
 from urllib.parse import quote
@@ -50,7 +51,10 @@ class SyncSettings:
     backoff_initial: float = 0.05
     backoff_max: float = 5.0
     peer_timeout: float = 5.0
-    poll_batch: int = 10_000  # entries per GET /sync answer
+    poll_batch: int = 10_000  # counters per GET /sync answer
+    # counters per POST /sync; at most 255-byte names and 64-bit counts, 1,000
+    # counters with a few replicas each stay far below the 1 MiB body limit
+    push_batch: int = 1_000
 
 
 @attrs.frozen
@@ -187,7 +191,7 @@ class PeerLink:
         attempt = 0
         try:
             while self.dirty:
-                batch, self.dirty = self.dirty, set()
+                batch = self._take_push_batch()
                 try:
                     self.pushes_sent += 1
                     await self.client.push({name: self.node.partials(name) for name in batch})
@@ -212,6 +216,16 @@ class PeerLink:
                     self._note_reachable()
         finally:
             self._pushing = None
+
+    def _take_push_batch(self) -> set[str]:
+        """Up to ``push_batch`` dirty counters: a push must stay well below
+        the peer's request size limit, whatever piled up while it was away."""
+        if len(self.dirty) <= self.settings.push_batch:
+            batch, self.dirty = self.dirty, set()
+            return batch
+        batch = set(itertools.islice(self.dirty, self.settings.push_batch))
+        self.dirty -= batch
+        return batch
 
     # -- poll ----------------------------------------------------------------
 
@@ -370,7 +384,9 @@ class Cluster:
             if url not in wanted:
                 self.links.pop(url).stop()
         for url, actor in wanted.items():
-            if url not in self.links:
+            if url in self.links:
+                self.links[url].actor = actor  # same peer, maybe written differently
+            else:
                 self.links[url] = self._new_link(actor, url)
         self.membership = membership
         log.info("configured: {actors}, this node is #{index}", actors=[a.entry for a in membership.actors], index=membership.self_index)
@@ -381,8 +397,8 @@ class Cluster:
         link = PeerLink(self.node, actor, client, self.clock, self.settings, self.rng)
         if self._running:
             link.start()
-        # Whatever this node holds is news to a peer it has just met.
-        link.mark_dirty(set(self.node.table.names()))
+        # No push of everything we hold: the new peer's first poll of us
+        # fetches it in pages, which a push of a large table could not be.
         return link
 
     # -- sync ----------------------------------------------------------------

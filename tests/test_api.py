@@ -112,8 +112,9 @@ def test_name_over_255_bytes_is_400(solo: FakeNet) -> None:
 
 
 def test_name_that_is_not_utf8_is_400(solo: FakeNet) -> None:
-    code, _ = solo.request("GET", HOST, "/counter/%FF/value")
+    code, content = solo.request("GET", HOST, "/counter/caf%E9/value")
     assert code == 400
+    assert "UTF-8" in error_of(content)
 
 
 def test_name_with_encoded_slash_is_refused(solo: FakeNet) -> None:
@@ -352,7 +353,7 @@ def test_idempotency_key_with_a_different_request_is_422(solo: FakeNet) -> None:
     solo.result(solo.http.post(f"http://{HOST}:8080/counter/c", data=b"5", headers=headers))
     for path, body in (("/counter/c", b"6"), ("/counter/d", b"5")):
         response = solo.result(solo.http.post(f"http://{HOST}:8080{path}", data=body, headers=headers))
-        assert response.code == 422
+        assert (response.code, response.phrase) == (422, b"Unprocessable Content")
         assert "already used" in error_of(solo.result(response.content()))
     assert solo.value(HOST, "c") == 5 and solo.value(HOST, "d") == 0
 

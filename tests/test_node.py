@@ -142,11 +142,13 @@ def test_a_retry_while_the_first_attempt_is_still_committing_shares_its_outcome(
     store = SlowStore()
     node = Node(store, Clock())
     outcome(node.increment("c", 1))  # occupies the writer
-    first = outcome(node.increment("c", 2, key="k"))
-    retry = outcome(node.increment("c", 2, key="k"))
+    first: list[Acknowledged] = []
+    retry: list[Acknowledged] = []
+    node.increment("c", 2, key="k").addCallback(first.append)
+    node.increment("c", 2, key="k").addCallback(retry.append)
     store.finish(0)
     store.finish(1)
-    assert first == retry == [3]
+    assert first == [Acknowledged(3)] and retry == [Acknowledged(3, replayed=True)]
     assert node.value("c") == 3
     assert [k.key for k in store.commits[1][1]] == ["k"]  # recorded once, with its partial
 

@@ -163,3 +163,36 @@ async def test_fast_mode_checkpoints_never_break_commits(tmp_path: Path, opened:
         await store._checkpoint()
         ack = await node.increment("c", 1)
         assert ack.value == i + 1
+
+
+def crash(store: SqliteStore) -> None:
+    """Leave the data dir as kill -9 would: no clean-shutdown record."""
+    store._pool.stop()
+    store._db.close()
+    store._lock.close()
+    store._closed = True
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_durability_keeps_its_identity_after_a_crash(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path)
+    await Node(store).increment("c", 2)
+    crash(store)
+    restarted = open_store(opened, tmp_path)
+    assert restarted.replica_id == store.replica_id
+    assert Node(restarted).value("c") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_fast_durability_takes_a_new_identity_after_a_crash_only(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path, durability="fast")
+    await Node(store).increment("c", 2)
+    store.close()
+    clean = open_store(opened, tmp_path, durability="fast")
+    assert clean.replica_id == store.replica_id  # a clean restart keeps it
+    crash(clean)
+    after_crash = open_store(opened, tmp_path, durability="fast")
+    assert after_crash.replica_id != store.replica_id
+    node = Node(after_crash)
+    assert node.partials("c") == {store.replica_id: 2}  # the old partial still counts
+    assert (await node.increment("c", 1)).value == 3

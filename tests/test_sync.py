@@ -248,3 +248,27 @@ def test_a_large_backlog_is_fetched_in_pages() -> None:
     assert sum(net.value(A, f"n{i}") for i in range(10)) == 10
     pages = [uri for t, h, m, uri in net.router.seen if h == B and uri.startswith("/sync?") and "limit=3" in uri]
     assert len(pages) >= 4
+
+
+def test_a_backlog_is_pushed_in_bounded_batches() -> None:
+    import attrs
+
+    net = FakeNet(attrs.evolve(FAST, push_batch=100, poll_interval=3600))
+    nodes = net.cluster_of(A, B)
+    net.router.state[B] = "hung"
+    for i in range(250):
+        nodes[0].node.increment(f"c{i}", 1)
+    net.settle()
+    net.router.state[B] = "up"
+    net.run(FAST.peer_timeout + FAST.backoff_max + 1)
+    pushes = [r for r in net.router.seen if r[1] == B and r[2] == "POST"]
+    assert len(pushes) >= 3
+    assert sum(net.value(B, f"c{i}") for i in range(250)) == 250
+
+
+def test_rewording_an_entry_keeps_the_link_and_shows_the_new_text(net: FakeNet) -> None:
+    net.cluster_of(A, B)
+    link = net.nodes[A].cluster.links[f"http://{B}:8080"]
+    net.request("POST", A, "/config", {"actors": [A, f"{B}:8080"]})
+    assert net.nodes[A].cluster.links[f"http://{B}:8080"] is link
+    assert link.actor.entry == f"{B}:8080"
