@@ -9,6 +9,12 @@ root, so both ``counterdb`` and ``twisted/plugins/counterdb_plugin.py`` come
 from this tree rather than from a possibly stale installed copy. Each node
 gets its own working directory with its log file ``node.log`` in it.
 
+A node can be restarted (:meth:`NodeProcess.restart`) with the same
+arguments and data directory after it was killed or stopped, or with an
+empty data directory after :meth:`NodeProcess.wipe_data` (a replaced
+machine); :meth:`NodeProcess.stored_partials` reads what a node has made
+durable, straight from its SQLite file.
+
 Nothing here sleeps for a fixed time: everything that waits polls a
 condition until a deadline (:func:`wait_until`), and every failure message
 carries the tail of the nodes' logs so CI output is enough to debug it.
@@ -23,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -168,6 +175,7 @@ def http_request(
     body: bytes | str | None = None,
     timeout: float = HTTP_TIMEOUT,
     content_type: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """One HTTP exchange. Any status is returned as a :class:`Response`;
     network failures and timeouts raise (``urllib.error.URLError``,
@@ -177,6 +185,8 @@ def http_request(
     request = urllib.request.Request(url, data=body, method=method)
     if content_type is not None:
         request.add_header("Content-Type", content_type)
+    for header, value in (headers or {}).items():
+        request.add_header(header, value)
     started = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
@@ -193,6 +203,14 @@ def is_timeout(error: BaseException) -> bool:
     if isinstance(error, urllib.error.URLError):
         error = error.reason if isinstance(error.reason, BaseException) else error
     return isinstance(error, (TimeoutError, socket.timeout))
+
+
+def is_refused(error: BaseException) -> bool:
+    """True if ``error`` says the connection was refused: nothing was sent,
+    so the request certainly had no effect."""
+    if isinstance(error, urllib.error.URLError):
+        error = error.reason if isinstance(error.reason, BaseException) else error
+    return isinstance(error, ConnectionRefusedError)
 
 
 # -- nodes -------------------------------------------------------------------
@@ -225,6 +243,10 @@ class NodeProcess:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
     def command(self) -> list[str]:
         return [
             *TWISTD_IN_THIS_PYTHON,
@@ -236,14 +258,19 @@ class NodeProcess:
             "--interface",
             self.host,
             "--data-dir",
-            str(self.workdir / "data"),
+            str(self.data_dir),
             *self.args,
         ]
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        assert self.proc is None, f"{self} already started"
+        """Start the process; also after an earlier one was killed or
+        stopped (and reaped): same arguments, same data directory."""
+        assert self.proc is None or self.proc.returncode is not None, f"{self} is still running"
+        self.proc = None
+        self.killed = False
+        self.paused = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"# {' '.join(self.command)}\n".encode())
@@ -271,6 +298,29 @@ class NodeProcess:
             return self.request("GET", "/config", timeout=1.0, raw=True).status == 200
 
         wait_until(answers, timeout, 0.05, f"{self} to answer HTTP", details=self.log_tail)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> None:
+        """Start again a node that was killed or stopped, and wait until it
+        answers HTTP. Posts no ``/config``: the node uses what it stored."""
+        self.start()
+        self.wait_ready(timeout)
+
+    def wipe_data(self) -> None:
+        """Delete the data directory of a node that is not running, as if
+        the machine had been replaced."""
+        assert not self.running(), f"{self} is running: stop it before wiping its data"
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        assert not self.data_dir.exists(), f"could not delete {self.data_dir}"
+
+    def stored_partials(self, name: str) -> dict[str, int]:
+        """The partials of counter ``name`` in the node's SQLite file: what
+        survives a crash right now. Read-only; the node may be running."""
+        from counterdb.store import DB_FILE  # the tests' own checkout (pytest.ini pythonpath)
+
+        path = urllib.parse.quote(str(self.data_dir / DB_FILE))
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as db:
+            rows = db.execute("SELECT replica, count FROM partials WHERE counter = ?", (name,)).fetchall()
+        return {replica: count for replica, count in rows}
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -355,6 +405,7 @@ class NodeProcess:
         timeout: float = HTTP_TIMEOUT,
         content_type: str | None = None,
         raw: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> Response:
         """One HTTP exchange with this node, any status returned.
 
@@ -364,7 +415,7 @@ class NodeProcess:
         expect no answer.
         """
         try:
-            return http_request(self.url + path, method, body, timeout, content_type)
+            return http_request(self.url + path, method, body, timeout, content_type, headers)
         except OSError as e:
             if raw:
                 raise
@@ -386,11 +437,19 @@ class NodeProcess:
         return self._ok(self.request("GET", "/config", timeout=timeout), "GET /config").json()
 
     def increment_response(
-        self, name: str, body: bytes | str | None = None, timeout: float = HTTP_TIMEOUT, raw: bool = False
+        self,
+        name: str,
+        body: bytes | str | None = None,
+        timeout: float = HTTP_TIMEOUT,
+        raw: bool = False,
+        idempotency_key: str | None = None,
     ) -> Response:
         """POST /counter/<name>: body None or "" adds 1, "5" adds 5, a JSON
-        ``{"addValue": n}`` adds n."""
-        return self.request("POST", f"/counter/{_quote(name)}", b"" if body is None else body, timeout, raw=raw)
+        ``{"addValue": n}`` adds n; with ``idempotency_key`` as the
+        ``Idempotency-Key`` header."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+        body = b"" if body is None else body
+        return self.request("POST", f"/counter/{_quote(name)}", body, timeout, raw=raw, headers=headers)
 
     def increment(self, name: str, body: bytes | str | None = None, timeout: float = HTTP_TIMEOUT) -> int:
         """Increment and return the node's answer (its new local value)."""
@@ -400,6 +459,11 @@ class NodeProcess:
     def value(self, name: str, timeout: float = HTTP_TIMEOUT) -> int:
         response = self._ok(self.request("GET", f"/counter/{_quote(name)}/value", timeout=timeout), f"GET {name}/value")
         return int(response.text)
+
+    def partials(self, name: str, timeout: float = HTTP_TIMEOUT) -> dict[str, int]:
+        """GET /counter/<name>/getsync: this node's copy of every partial."""
+        response = self.request("GET", f"/counter/{_quote(name)}/getsync", timeout=timeout)
+        return dict(self._ok(response, f"GET {name}/getsync").json()["partials"])
 
     def consistent_value_response(
         self, name: str, server_timeout: float | None = None, timeout: float = HTTP_TIMEOUT, raw: bool = False
