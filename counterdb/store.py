@@ -226,7 +226,12 @@ class SqliteStore:
                 old=meta["replica_id"],
             )
             self._set_meta("replica_id", replica_id)
+        # This record must be on disk before the first increment, whatever
+        # the durability mode, or a power loss right after a clean start
+        # would look like a clean stop.
+        self._db.execute("PRAGMA synchronous=FULL")
         self._set_meta("clean_shutdown", "0")
+        self._db.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
         return replica_id
 
     def load(self) -> LoadedState:
