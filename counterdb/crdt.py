@@ -14,7 +14,6 @@ cost proportional to what changed, not to the number of counters.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Mapping
 
 #: Largest value of any partial or counter total (a signed 64-bit integer),
@@ -107,9 +106,10 @@ class CounterTable:
 
     def __init__(self) -> None:
         self._counters: dict[str, Partials] = {}
-        # counter -> version of its last change, oldest first, so the newest
-        # changes can be read from the end without scanning every counter.
-        self._versions: OrderedDict[str, int] = OrderedDict()
+        # counter -> version of its last change, oldest first (a plain dict
+        # keeps insertion order and is half the size of an OrderedDict), so
+        # the newest changes can be read from the end without a full scan.
+        self._versions: dict[str, int] = {}
         self.version = 0
 
     def __len__(self) -> int:
@@ -190,5 +190,5 @@ class CounterTable:
 
     def _stamp(self, name: str) -> None:
         self.version += 1
+        self._versions.pop(name, None)  # re-inserting moves it to the end
         self._versions[name] = self.version
-        self._versions.move_to_end(name)

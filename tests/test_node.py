@@ -198,3 +198,38 @@ def test_a_config_the_store_cannot_record_is_503_and_not_applied() -> None:
     assert code == 503
     assert "Read-only" in json.loads(content)["error"]
     assert net.nodes["127.0.0.2"].cluster.membership is None
+
+
+def test_increments_issued_from_acknowledgements_do_not_nest() -> None:
+    """Once the store answers at once, each acknowledgement that issues the
+    next increment starts the next commit: thousands of rounds must run in
+    a loop, not one call deeper each."""
+    store = SlowStore()
+    node = Node(store, Clock())
+    rounds = 5_000
+    done: list[int] = []
+
+    def again(ack: Acknowledged) -> None:
+        done.append(ack.value)
+        if len(done) < rounds:
+            node.increment("c", 1).addCallback(again)
+
+    node.increment("c", 1)  # holds the writer
+    node.increment("c", 1).addCallback(again)  # waits for the next commit
+    store.write_own = MemoryStore.write_own.__get__(store)  # type: ignore[method-assign]
+    store.finish(0)
+    assert len(done) == rounds and node.value("c") == rounds + 1
+
+
+class RaisingStore(MemoryStore):
+    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+        raise RuntimeError("store is closed")
+
+
+def test_a_store_that_raises_fails_the_batch_and_the_node_keeps_working() -> None:
+    store = RaisingStore()
+    node = Node(store, Clock())
+    failed = outcome(node.increment("c", 1))
+    assert failed[0].check(StoreUnavailable)  # type: ignore[attr-defined]
+    store.__class__ = MemoryStore  # the store works again
+    assert outcome(node.increment("c", 2)) == [2]
