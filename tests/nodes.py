@@ -295,7 +295,10 @@ class NodeProcess:
                 raise AssertionError(
                     f"{self} exited with status {self.proc.returncode} while starting\n{self.log_tail()}"  # type: ignore[union-attr]
                 )
-            return self.request("GET", "/config", timeout=1.0, raw=True).status == 200
+            response = self.request("GET", "/config", timeout=1.0, raw=True)
+            # Another suite running on this machine may hold the same address
+            # and port: only our own node knows our data dir's replica id.
+            return response.status == 200 and json.loads(response.text).get("replica") == self.stored_replica_id()
 
         wait_until(answers, timeout, 0.05, f"{self} to answer HTTP", details=self.log_tail)
 
@@ -311,6 +314,20 @@ class NodeProcess:
         assert not self.running(), f"{self} is running: stop it before wiping its data"
         shutil.rmtree(self.data_dir, ignore_errors=True)
         assert not self.data_dir.exists(), f"could not delete {self.data_dir}"
+
+    def stored_replica_id(self) -> str | None:
+        """The replica id in the node's data dir (None before it exists)."""
+        from counterdb.store import DB_FILE
+
+        path = self.data_dir / DB_FILE
+        if not path.exists():
+            return None
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=5.0)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()
+        except sqlite3.Error:
+            return None  # still being created
+        return row[0] if row else None
 
     def stored_partials(self, name: str) -> dict[str, int]:
         """The partials of counter ``name`` in the node's SQLite file: what
