@@ -11,7 +11,12 @@ setup(
     # __init__.py there, and it must be listed explicitly.
     packages=["counterdb", "twisted.plugins"],
     install_requires=["twisted>=23.10", "klein>=23.5", "treq>=23.11", "attrs>=22.2"],
-    entry_points={"console_scripts": ["counterdb-admin = counterdb.admin:main"]},
+    entry_points={
+        "console_scripts": [
+            "counterdb-admin = counterdb.admin:main",
+            "counterdb-cluster = counterdb.cluster:main",
+        ]
+    },
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],
     },
