@@ -40,6 +40,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+#: The three loopback hosts the real-process tests run on.
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+#: Fast sync, so faults heal within a second or two.
+NODE_ARGS = ["--poll-interval", "0.2", "--peer-timeout", "1", "--backoff-max", "0.5"]
+#: Deadline for every node to agree after increments, a restart or a heal.
+CONVERGE = 15.0
+#: A generous bound on a request that must not wait for peers: a behavioural
+#: check that writes and local reads do not wait for them, not a benchmark.
+FAST = 1.0
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: twistd run by *this* interpreter. ``python -m twisted`` is not usable

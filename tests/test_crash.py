@@ -25,19 +25,10 @@ from typing import Iterator, Sequence
 import pytest
 
 try:
-    from nodes import Cluster, NodeProcess, http_request, is_refused, running_cluster
+    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, http_request, is_refused, running_cluster
 except ImportError:  # tests/ became a package
-    from tests.nodes import Cluster, NodeProcess, http_request, is_refused, running_cluster
+    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, http_request, is_refused, running_cluster
 
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-
-#: Fast sync so faults heal within a second or two.
-NODE_ARGS = ["--poll-interval", "0.2", "--peer-timeout", "1", "--backoff-max", "0.5"]
-
-#: Deadline for every node to agree after increments, a restart or a heal.
-CONVERGE = 15.0
-#: A generous bound on a request that must not wait for peers.
-FAST = 1.0
 #: Client timeout of each increment of the load test: a request that gets
 #: no answer in time is "unknown" (it may or may not have been counted).
 LOAD_TIMEOUT = 2.0

@@ -18,21 +18,9 @@ from urllib.parse import quote
 import pytest
 
 try:
-    from nodes import Cluster, NodeProcess, is_timeout, running_cluster
+    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, is_timeout, running_cluster
 except ImportError:  # tests/ became a package
-    from tests.nodes import Cluster, NodeProcess, is_timeout, running_cluster
-
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-
-#: Fast sync so faults heal within a second or two.
-NODE_ARGS = ["--poll-interval", "0.2", "--peer-timeout", "1", "--backoff-max", "0.5"]
-
-#: A generous bound on one increment while a peer hangs or is gone: a
-#: behavioural check that writes do not wait for peers, not a benchmark.
-FAST = 1.0
-#: Deadline for every node to agree after increments or a heal.
-CONVERGE = 15.0
-
+    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, is_timeout, running_cluster
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
