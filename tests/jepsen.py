@@ -549,8 +549,9 @@ def generate_schedule(
     return events
 
 
-def describe_schedule(schedule: Sequence[Event]) -> str:
-    """One line: each fault with its start and end offset."""
+def describe_schedule(schedule: Sequence[Event], limit: int | None = None) -> str:
+    """One line: each fault with its start and end offset (the first
+    ``limit`` faults, if given)."""
     parts = []
     for i, event in enumerate(schedule):
         if event.fault not in ALL_FAULTS:
@@ -562,6 +563,9 @@ def describe_schedule(schedule: Sequence[Event]) -> str:
         )
         text = str(event).split("s ", 1)[1]
         parts.append(f"{text} {event.at:g}-{end:g}s")
+    faults = sum(event.fault in ALL_FAULTS for event in schedule)
+    if limit is not None and faults > limit:
+        parts = parts[:limit] + [f"... {faults - limit} more faults (the failure message lists all)"]
     parts.append(f"heal_all {schedule[-1].at:g}s" if schedule else "none")
     return "; ".join(parts)
 
@@ -692,7 +696,7 @@ class RunReport:
             lines.append(f"  unexpected answers: {len(self.unexpected)}, first: {self.unexpected[0]}")
         for problem in self.problems:
             lines.append(f"  problem: {problem}")
-        lines.append(f"  schedule: {describe_schedule(self.schedule)}")
+        lines.append(f"  schedule: {describe_schedule(self.schedule, limit=15)}")
         if c.replay:
             lines.append(f"  replay: {c.replay}")
         return "\n".join(lines)
