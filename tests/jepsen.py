@@ -64,8 +64,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 try:
+    from nodes import NODE_ARGS as _NODE_ARGS
     from nodes import http_request, is_refused
 except ImportError:  # tests/ became a package
+    from tests.nodes import NODE_ARGS as _NODE_ARGS
     from tests.nodes import http_request, is_refused
 
 ADD = "add"
@@ -581,9 +583,10 @@ def schedule_faults(schedule: Sequence[Event]) -> dict[str, int]:
 
 # -- running: clients, nemesis, heal, convergence ----------------------------------------------
 
-#: Node options for fault runs: fast sync, so that a healed cluster
-#: converges within a second or two (tests/test_crash.py uses the same).
-NODE_ARGS = ("--poll-interval", "0.2", "--peer-timeout", "1", "--backoff-max", "0.5")
+#: Node options for fault runs: the real-process tests' fast sync
+#: (``nodes.NODE_ARGS``), so that a healed cluster converges within a second
+#: or two.
+NODE_ARGS = tuple(_NODE_ARGS)
 #: Client timeout of one add request: no answer by then is ``unknown``.
 ADD_TIMEOUT = 5.0
 #: ``?timeout=`` of consistent reads (the node answers 504 after it), and the
