@@ -50,6 +50,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -232,6 +233,9 @@ class Cluster:
         self._log_offsets: dict[str, int] = {}
         self._lock_depth = 0
         self._lock_fd: int | None = None
+        # The flock serialises processes; this serialises threads of one
+        # process (a nemesis thread beside the test's own calls).
+        self._thread_lock = threading.RLock()
 
     # -- loading and saving -----------------------------------------------------
 
@@ -261,6 +265,12 @@ class Cluster:
     @contextlib.contextmanager
     def _locked(self, reload: bool = True) -> Iterator[None]:
         """Hold the cluster's flock, with the state re-read from disk."""
+        with self._thread_lock:
+            with self._flocked(reload):
+                yield
+
+    @contextlib.contextmanager
+    def _flocked(self, reload: bool) -> Iterator[None]:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         if self._lock_depth == 0:
             fd = os.open(self.base_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -489,7 +499,7 @@ class Cluster:
             return f"(no proxy log: {e})"
 
     def kill(self, node: str) -> None:
-        """SIGKILL the node's process (in netns mode its proxy stays)."""
+        """SIGKILL the node's process (in netns mode, and its proxy)."""
         with self._locked():
             record = self._node(node)
             if self._state_of(record.pid, record.pid_start) == STOPPED:
@@ -497,6 +507,10 @@ class Cluster:
             os.kill(record.pid, signal.SIGKILL)  # type: ignore[arg-type]
             _wait_for(lambda: self._state_of(record.pid, record.pid_start) == STOPPED, STOP_TIMEOUT)
             record.pid = record.pid_start = None
+            if record.netns:
+                # As on a real host whose process died, connections to its
+                # address are refused (the proxy would accept, then drop them).
+                self._stop_process(record, proxy=True)
             self._save()
 
     def start(self, node: str, timeout: float = START_TIMEOUT) -> None:
