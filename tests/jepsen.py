@@ -877,7 +877,7 @@ class _Client:
             # for sure with nothing possibly applied before.
             if not keyed or outcome == FAIL or time.monotonic() >= deadline:
                 break
-            time.sleep(0.05)
+            time.sleep(0.05)  # pause before the retry; the loop ends at its deadline
         end = time.monotonic()
         detail = ",".join(details) if len(details) <= 4 else f"{','.join(details[:2])},...,{details[-1]}"
         return Op(self.process, ADD, node, start, end, outcome, amount=amount, keyed=keyed, detail=detail, attempts=len(details))

@@ -149,7 +149,7 @@ def wait_until(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        time.sleep(min(interval, remaining))
+        time.sleep(min(interval, remaining))  # poll interval, bounded by the deadline
     what = message() if callable(message) else message
     outcome = f"last error: {last_error!r}" if last_error is not None else f"last result: {last!r}"
     text = f"timed out after {timeout:g} s ({attempts} attempts) waiting for {what}; {outcome}"

@@ -66,7 +66,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: Callable[[],
             pass
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what()}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval until the deadline
 
 
 def wait_values(cluster: Cluster, nodes: list[str], name: str, expected: int, timeout: float = CONVERGE) -> None:
@@ -308,7 +308,7 @@ def test_netns_partition_and_heal(netns_cluster: Cluster | None) -> None:
         while time.monotonic() < deadline:
             assert (value(c, "n2", "part-x"), value(c, "n3", "part-x")) == (0, 0), "the partition leaked n1 -> n2/n3"
             assert value(c, "n1", "part-y") == 0, "the partition leaked n2 -> n1"
-            time.sleep(0.1)
+            time.sleep(0.1)  # re-check until the deadline: the partition must hold throughout
         assert c.faults.blocked == (("n1", "n2"), ("n1", "n3"), ("n2", "n1"), ("n3", "n1"))
     finally:
         c.heal()

@@ -399,7 +399,7 @@ def test_keyed_requests_cut_by_kills_count_exactly_once_when_retried(cluster: Cl
                         with lock:
                             problems.append(f"{key}: no answer for {CONVERGE:g} s")
                         return
-                    time.sleep(0.02)  # the node is down: retry shortly, same key
+                    time.sleep(0.02)  # the node is down: retry until give_up, same key
                     continue
                 with lock:
                     if response.status != 200:
