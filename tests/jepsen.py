@@ -1021,7 +1021,7 @@ def converge(urls: dict[str, str], path: str, since: float, limit: float = CONVE
             agreed_at = None
         if now - since > limit:
             return values, None
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval; the limit above bounds the loop
 
 
 def run(base_dir: str | os.PathLike[str], config: RunConfig) -> RunReport:
