@@ -231,6 +231,15 @@ class Cluster:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         #: Where each node's log was when it was last started from here.
         self._log_offsets: dict[str, int] = {}
+        #: Exit status of each child process reaped here, by pid.
+        self._exit_status: dict[int, int] = {}
+        #: Node name -> how the node ended when it did not end the normal
+        #: way: it had exited by itself (not by :meth:`kill`), was still
+        #: running :data:`STOP_TIMEOUT` s after SIGTERM, or exited with a
+        #: status other than 0 or -SIGTERM after it (exit statuses are only
+        #: known for nodes started by this object). Filled by :meth:`stop`
+        #: and :meth:`down`; entries are never removed.
+        self.shutdown_problems: dict[str, str] = {}
         self._lock_depth = 0
         self._lock_fd: int | None = None
         # The flock serialises processes; this serialises threads of one
@@ -302,9 +311,11 @@ class Cluster:
 
     # -- bringing it up and down ------------------------------------------------------
 
-    def up(self, timeout: float = START_TIMEOUT) -> None:
+    def up(self, timeout: float = START_TIMEOUT, configure: bool = True) -> None:
         """Start every node, wait until each answers HTTP, and post the
-        actors list to each. On any failure, tears down whatever it made."""
+        actors list to each (with ``configure=False`` the nodes stay
+        unconfigured, for callers that post ``/config`` themselves). On any
+        failure, tears down whatever it made."""
         if self.netns:
             _require_netns_tools()
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -315,14 +326,14 @@ class Cluster:
                     f"take it down first (counterdb-cluster --dir {self.base_dir} down)"
                 )
             try:
-                self._up(timeout)
+                self._up(timeout, configure)
             except BaseException:
                 log.warning("cluster in %s did not come up; taking down what was started", self.base_dir)
                 with contextlib.suppress(Exception):
                     self._down()
                 raise
 
-    def _up(self, timeout: float) -> None:
+    def _up(self, timeout: float, configure: bool) -> None:
         cluster_id = _new_id() if self.netns else secrets.token_hex(3)
         self.id = cluster_id
         if self.netns:
@@ -374,13 +385,13 @@ class Cluster:
                     raise
                 log.info("%s; trying another port", e)
                 for node in self._state.nodes:
-                    self._stop_process(node, proxy=False)
+                    self._stop_process(node, proxy=False, record=False)
                 addresses = [node.address for node in self._state.nodes]
                 self._state.port = self._state.listen_port = free_common_port(addresses, self._state.port + 1)
                 self._save()
 
         actors = self.actors
-        for node in self._state.nodes:
+        for node in self._state.nodes if configure else ():
             answer = _http("POST", self._url(node) + "/config", json.dumps({"actors": actors}).encode(), HTTP_TIMEOUT)
             if answer[0] != 200:
                 raise ClusterError(f"POST /config to {node.name} answered {answer[0]}: {answer[1][:300]!r}")
@@ -403,6 +414,12 @@ class Cluster:
         if state is None:
             return
         problems: list[str] = []
+        # Resume paused nodes first: a node shutting down must not wait on
+        # a paused peer.
+        for node in state.nodes:
+            if node.pid is not None and self._state_of(node.pid, node.pid_start) == PAUSED:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.pid, signal.SIGCONT)
         for node in state.nodes:
             for proxy in (False, True):
                 try:
@@ -525,6 +542,40 @@ class Cluster:
             self._start_node(record)
             self._save()
             self._wait_ready([record], timeout)
+
+    def stop(self, node: str, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop a running node the clean way: SIGTERM (after SIGCONT, in
+        case it is paused), SIGKILL if it is still running ``timeout`` s
+        later; an unclean end is recorded in :attr:`shutdown_problems`. In
+        netns mode its proxy stops too. :meth:`start` starts it again."""
+        with self._locked():
+            record = self._node(node)
+            if self._state_of(record.pid, record.pid_start) == STOPPED:
+                raise ClusterError(f"{record.name} is not running")
+            self._stop_process(record, proxy=False, timeout=timeout)
+            if record.netns:
+                self._stop_process(record, proxy=True)
+            self._save()
+
+    def wipe_data(self, node: str) -> None:
+        """Delete the data dir of a stopped node, as if its machine had been
+        replaced: :meth:`start` then brings it up unconfigured, with a new
+        replica id."""
+        with self._locked():
+            record = self._node(node)
+            if self._state_of(record.pid, record.pid_start) != STOPPED:
+                raise ClusterError(f"{record.name} is running: stop it before wiping its data")
+            path = Path(record.workdir) / "data"
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                raise ClusterError(f"could not delete {path}")
+
+    def state(self, node: str) -> str:
+        """The node's process state, "running", "paused" or "stopped",
+        without asking the node anything."""
+        with self._locked():
+            record = self._node(node)
+            return self._state_of(record.pid, record.pid_start)
 
     def pause(self, node: str) -> None:
         """SIGSTOP: the node keeps its sockets but answers nothing."""
@@ -765,26 +816,52 @@ class Cluster:
         if pid is None:
             return STOPPED
         child = self._children.get(pid)
-        if child is not None and child.poll() is not None:
-            del self._children[pid]
-            return STOPPED
-        return _proc_state(pid, start)
+        if child is None:
+            return _proc_state(pid, start)
+        if child.poll() is None:
+            stat = _proc_stat(pid)
+            if stat is not None and stat[0] not in "ZXx":
+                return PAUSED if stat[0] in "Tt" else RUNNING
+            # A zombie: reap it through its Popen, which keeps the status.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(1.0)
+            if child.returncode is None:
+                return RUNNING
+        self._exit_status[pid] = child.returncode  # type: ignore[assignment]
+        del self._children[pid]
+        return STOPPED
 
-    def _stop_process(self, node: _Node, proxy: bool) -> None:
-        """SIGCONT, SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT`."""
+    def _stop_process(self, node: _Node, proxy: bool, timeout: float = STOP_TIMEOUT, record: bool = True) -> None:
+        """SIGCONT, SIGTERM, then SIGKILL after ``timeout``. With ``record``,
+        a node (not a proxy) that did not end the normal way gets an entry
+        in :attr:`shutdown_problems`."""
         pid, start = (node.proxy_pid, node.proxy_start) if proxy else (node.pid, node.pid_start)
+        problem: str | None = None
         if self._state_of(pid, start) != STOPPED:
             assert pid is not None
             for sig in (signal.SIGCONT, signal.SIGTERM):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            if not _wait_for(lambda: self._state_of(pid, start) == STOPPED, STOP_TIMEOUT):
-                what = "proxy of " + node.name if proxy else node.name
-                log.warning("%s (pid %s) still running %s s after SIGTERM: SIGKILL", what, pid, STOP_TIMEOUT)
+            what = "proxy of " + node.name if proxy else node.name
+            if not _wait_for(lambda: self._state_of(pid, start) == STOPPED, timeout):
+                log.warning("%s (pid %s) still running %s s after SIGTERM: SIGKILL", what, pid, timeout)
+                problem = f"was still running {timeout:g} s after SIGTERM: SIGKILLed"
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 if not _wait_for(lambda: self._state_of(pid, start) == STOPPED, STOP_TIMEOUT):
                     raise ClusterError(f"{what} (pid {pid}) survived SIGKILL")
+            else:
+                status = self._exit_status.get(pid)
+                # twistd shuts down, then re-raises the signal that stopped
+                # it, so that its parent sees why it ended: -SIGTERM.
+                if status is not None and status not in (0, -signal.SIGTERM):
+                    problem = f"exited with status {status} after SIGTERM"
+        elif pid is not None:
+            status = self._exit_status.get(pid)
+            problem = "had exited by itself" + (f" with status {status}" if status is not None else "")
+        if problem is not None and record and not proxy:
+            log.warning("%s %s", node.name, problem)
+            self.shutdown_problems[node.name] = problem
         if proxy:
             node.proxy_pid = node.proxy_start = None
         else:

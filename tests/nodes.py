@@ -1,13 +1,19 @@
 """
-Run real counterdb nodes (``twistd -n counterdb``) as subprocesses for tests.
+Test helpers for real counterdb nodes (``twistd -n counterdb``).
 
-Not a test module: plain synchronous helpers (``subprocess`` and
-``urllib.request``), used by ``test_integration.py`` and ``test_plugin.py``.
+Not a test module: plain synchronous helpers (``urllib.request``), used by
+``test_integration.py``, ``test_crash.py``, ``test_plugin.py`` and
+``jepsen.py``. The processes themselves are run by
+:class:`counterdb.testing.Cluster`, the one process manager (loopback mode,
+nodes on 127.0.0.2, 127.0.0.3, ... sharing one port); :class:`Cluster` and
+:class:`NodeProcess` here add what the tests need on top of it: HTTP
+helpers that fail with every node's log tail, :func:`wait_until`, and
+inspection of a node's data dir (:meth:`NodeProcess.stored_partials`).
 
-Every node runs the checkout's code: ``PYTHONPATH`` is set to the repository
-root, so both ``counterdb`` and ``twisted/plugins/counterdb_plugin.py`` come
-from this tree rather than from a possibly stale installed copy. Each node
-gets its own working directory with its log file ``node.log`` in it.
+Every node runs the checkout's code: ``counterdb.testing`` puts the
+directory holding the imported ``counterdb`` package (this checkout, see
+``pytest.ini``) on the nodes' ``PYTHONPATH``. Each node gets its own working
+directory with its log file ``node.log`` in it.
 
 A node can be restarted (:meth:`NodeProcess.restart`) with the same
 arguments and data directory after it was killed or stopped, or with an
@@ -27,10 +33,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import sysconfig
 import time
@@ -39,6 +43,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from counterdb import testing
 
 #: The three loopback hosts the real-process tests run on.
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -55,13 +61,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: twistd run by *this* interpreter. ``python -m twisted`` is not usable
 #: here: it runs ``twist``, which has neither ``-n`` nor ``--pidfile``, and
 #: ``twisted.scripts.twistd`` has no ``__main__`` block.
-TWISTD_IN_THIS_PYTHON = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+TWISTD_IN_THIS_PYTHON = testing.TWISTD
 
 #: Start-up deadline: importing Twisted and Klein takes ~1 s on an idle
 #: machine, much more on a busy CI runner.
 START_TIMEOUT = 15.0
 #: How long a node gets to exit after SIGTERM before it is SIGKILLed.
-STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = testing.STOP_TIMEOUT
 #: Default client-side timeout of every HTTP call.
 HTTP_TIMEOUT = 5.0
 #: Lines of each node's log quoted in failure messages.
@@ -227,103 +233,67 @@ def is_refused(error: BaseException) -> bool:
 
 
 class NodeProcess:
-    """One ``twistd -n counterdb`` subprocess bound to ``host:port``."""
+    """One node of a :class:`Cluster`: its process is run by the cluster's
+    :class:`counterdb.testing.Cluster`, its HTTP API is spoken here."""
 
-    def __init__(self, host: str, port: int, workdir: Path, args: Sequence[str] = ()) -> None:
-        self.host = host
-        self.port = port
-        self.workdir = Path(workdir)
-        self.args = list(args)
-        self.log_path = self.workdir / "node.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.paused = False
-        self.killed = False  # by the test, on purpose
-        #: Set by :meth:`stop` when the node did not end the normal way.
-        self.shutdown_problem: str | None = None
-        #: What failure messages quote: this node's log tail, or (set by
-        #: :class:`Cluster`) every node's, since a peer may be the culprit.
-        self.logs: Callable[[], str] = self.log_tail
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        managed = cluster.managed
+        self.cluster = cluster
+        self.name = name
+        self.host = managed.address(name)
+        self.port = managed.port
+        self.url = managed.url(name)
+        self.log_path = managed.log_path(name)
+        self.data_dir = managed.data_dir(name)
+        #: What failure messages quote: every node's log tail, since a peer
+        #: may be the culprit.
+        self.logs: Callable[[], str] = cluster.logs
 
     def __repr__(self) -> str:
-        state = "not started" if self.proc is None else f"pid {self.proc.pid}"
-        return f"<node {self.host}:{self.port} {state}>"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir / "data"
-
-    @property
-    def command(self) -> list[str]:
-        return [
-            *TWISTD_IN_THIS_PYTHON,
-            "-n",
-            "--pidfile=",
-            "counterdb",
-            "--port",
-            str(self.port),
-            "--interface",
-            self.host,
-            "--data-dir",
-            str(self.data_dir),
-            *self.args,
-        ]
+        return f"<node {self.name} {self.host}:{self.port}>"
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the process; also after an earlier one was killed or
-        stopped (and reaped): same arguments, same data directory."""
-        assert self.proc is None or self.proc.returncode is not None, f"{self} is still running"
-        self.proc = None
-        self.killed = False
-        self.paused = False
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"# {' '.join(self.command)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.command,
-                cwd=self.workdir,
-                env=checkout_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own process group: a ^C meant for pytest does not kill
-                # the nodes before the fixture stops them in order.
-                start_new_session=True,
-            )
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Poll until the node answers HTTP; fail at once if it exited."""
-
-        def answers() -> bool:
-            if not self.running():
-                raise AssertionError(
-                    f"{self} exited with status {self.proc.returncode} while starting\n{self.log_tail()}"  # type: ignore[union-attr]
-                )
-            response = self.request("GET", "/config", timeout=1.0, raw=True)
-            # Another suite running on this machine may hold the same address
-            # and port: only our own node knows our data dir's replica id.
-            return response.status == 200 and json.loads(response.text).get("replica") == self.stored_replica_id()
-
-        wait_until(answers, timeout, 0.05, f"{self} to answer HTTP", details=self.log_tail)
-
     def restart(self, timeout: float = START_TIMEOUT) -> None:
-        """Start again a node that was killed or stopped, and wait until it
-        answers HTTP. Posts no ``/config``: the node uses what it stored."""
-        self.start()
-        self.wait_ready(timeout)
+        """Start again a node that was killed or stopped (same arguments,
+        same data directory) and wait until it answers HTTP. Posts no
+        ``/config``: the node uses what it stored."""
+        self.cluster.managed.start(self.name, timeout)
 
     def wipe_data(self) -> None:
         """Delete the data directory of a node that is not running, as if
         the machine had been replaced."""
-        assert not self.running(), f"{self} is running: stop it before wiping its data"
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        assert not self.data_dir.exists(), f"could not delete {self.data_dir}"
+        self.cluster.managed.wipe_data(self.name)
+
+    def running(self) -> bool:
+        """True while the process exists (paused or not)."""
+        return self.cluster.managed.state(self.name) != testing.STOPPED
+
+    def pause(self) -> None:
+        """SIGSTOP: the node keeps its sockets but answers nothing."""
+        self.cluster.managed.pause(self.name)
+
+    def resume(self) -> None:
+        """SIGCONT, if the node is paused."""
+        if self.cluster.managed.state(self.name) == testing.PAUSED:
+            self.cluster.managed.resume(self.name)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap the process."""
+        self.cluster.managed.kill(self.name)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; an unclean end is in
+        :attr:`shutdown_problem`."""
+        self.cluster.managed.stop(self.name, timeout)
+
+    @property
+    def shutdown_problem(self) -> str | None:
+        """How the node ended, if not the normal way (see
+        :attr:`counterdb.testing.Cluster.shutdown_problems`)."""
+        return self.cluster.managed.shutdown_problems.get(self.name)
+
+    # -- the data dir ------------------------------------------------------------
 
     def stored_replica_id(self) -> str | None:
         """The replica id in the node's data dir (None before it exists)."""
@@ -349,64 +319,6 @@ class NodeProcess:
             rows = db.execute("SELECT replica, count FROM partials WHERE counter = ?", (name,)).fetchall()
         return {replica: count for replica, count in rows}
 
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def pause(self) -> None:
-        """SIGSTOP: the node keeps its sockets but answers nothing."""
-        assert self.running(), f"{self} is not running"
-        os.kill(self.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
-        self.paused = True
-
-    def resume(self) -> None:
-        if self.paused and self.running():
-            os.kill(self.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
-        self.paused = False
-
-    def kill(self) -> None:
-        """SIGKILL, and reap the process."""
-        if self.proc is None:
-            return
-        self.killed = True
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.paused = False
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; always reaps the process.
-
-        Returns its exit status (None if it was never started). Unless the
-        test killed it, a node that had already exited, or did not end
-        cleanly within ``timeout`` of SIGTERM, gets a description of that in
-        :attr:`shutdown_problem`.
-        """
-        if self.proc is None:
-            return None
-        try:
-            self.resume()  # a stopped process would sit on SIGTERM forever
-            if self.proc.poll() is not None:
-                if not self.killed:
-                    self.shutdown_problem = f"had exited by itself with status {self.proc.returncode}"
-            else:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.shutdown_problem = f"was still running {timeout:g} s after SIGTERM: SIGKILLed"
-                    self.proc.kill()
-                else:
-                    # twistd shuts down, then re-raises the signal that stopped
-                    # it, so that its parent sees why it ended: -SIGTERM.
-                    if self.proc.returncode not in (0, -signal.SIGTERM):
-                        self.shutdown_problem = f"exited with status {self.proc.returncode} after SIGTERM"
-        finally:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode
-
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the node's log, leaving out the access
         log lines of the tests' own polling (``GET /config``, ``GET .../value``)."""
@@ -416,10 +328,14 @@ class NodeProcess:
             return f"--- {self}: no log ({e}) ---"
         kept = [line for line in text.splitlines() if not _POLLING.search(line)]
         tail = kept[-lines:]
-        state = "paused, " if self.paused else ""
-        if self.proc is not None and self.proc.poll() is not None:
-            state = f"exited with {self.proc.returncode}, "
-        header = f"--- {self} ({state}{self.log_path}): last {len(tail)} lines, polling requests left out ---"
+        try:
+            state = self.cluster.managed.state(self.name)
+        except testing.ClusterError:
+            state = "cluster down"
+        problem = self.shutdown_problem
+        if problem is not None:
+            state += f", {problem}"
+        header = f"--- {self} ({state}, {self.log_path}): last {len(tail)} lines, polling requests left out ---"
         return "\n".join([header, *tail])
 
     # -- HTTP API ------------------------------------------------------------
@@ -506,13 +422,13 @@ class NodeProcess:
 
 
 class Cluster:
-    """Several nodes started together; stopping it stops every one of them."""
+    """The nodes of a :class:`counterdb.testing.Cluster` (``managed``), as
+    :class:`NodeProcess` objects in node order."""
 
-    def __init__(self, base_dir: Path, hosts: Sequence[str], port: int, args: Sequence[str] = ()) -> None:
-        self.port = port
-        self.nodes = [NodeProcess(host, port, Path(base_dir) / f"node-{host}", args) for host in hosts]
-        for node in self.nodes:
-            node.logs = self.logs
+    def __init__(self, managed: testing.Cluster) -> None:
+        self.managed = managed
+        self.port = managed.port
+        self.nodes = [NodeProcess(self, name) for name in managed.nodes]
 
     def __iter__(self) -> Iterator[NodeProcess]:
         return iter(self.nodes)
@@ -527,31 +443,8 @@ class Cluster:
     def hosts(self) -> list[str]:
         return [node.host for node in self.nodes]
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        # Start every process before waiting for any: they boot in parallel.
-        for node in self.nodes:
-            node.start()
-        deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            node.wait_ready(max(0.1, deadline - time.monotonic()))
-
-    def stop(self) -> list[str]:
-        """Resume paused nodes, then stop every node, whatever fails.
-
-        Returns what went wrong at shutdown (see
-        :attr:`NodeProcess.shutdown_problem`), one line per node.
-        """
-        errors: list[BaseException] = []
-        for node in self.nodes:
-            with contextlib.suppress(Exception):
-                node.resume()
-        for node in self.nodes:
-            try:
-                node.stop()
-            except BaseException as e:  # noqa: BLE001 - keep stopping the others
-                errors.append(e)
-        if errors:
-            raise errors[0]
+    def shutdown_problems(self) -> list[str]:
+        """What went wrong when nodes were stopped, one line per node."""
         return [f"{node} {node.shutdown_problem}" for node in self.nodes if node.shutdown_problem]
 
     def logs(self) -> str:
@@ -576,47 +469,28 @@ class Cluster:
 def running_cluster(
     base_dir: Path, hosts: Sequence[str], port: int | None = None, args: Sequence[str] = ()
 ) -> Iterator[Cluster]:
-    """Start nodes on ``hosts`` (all on one port) and always stop them.
+    """Start unconfigured nodes on ``hosts`` (the loopback addresses
+    :class:`counterdb.testing.Cluster` uses: 127.0.0.2, 127.0.0.3, ...; all
+    on one port) and always stop them, paused ones resumed first.
 
     When the block ended normally, also fails if a node crashed meanwhile
     or did not shut down cleanly on SIGTERM (the test's own
     :meth:`NodeProcess.kill` is fine).
     """
-    cluster = Cluster(base_dir, hosts, port if port is not None else free_common_port(hosts), args)
+    managed = testing.Cluster(base_dir, size=len(hosts), port=port, node_args=args)
+    managed.up(START_TIMEOUT, configure=False)
     try:
-        cluster.start()
+        if managed.actors != list(hosts):
+            raise ValueError(f"hosts must be {managed.actors} (the loopback addresses of counterdb.testing), got {list(hosts)}")
+        cluster = Cluster(managed)
         yield cluster
     except BaseException:
-        cluster.stop()
+        managed.down()
         raise
-    problems = cluster.stop()
+    managed.down()
+    problems = cluster.shutdown_problems()
     if problems:
         raise AssertionError(cluster.explain("unclean node shutdown:\n" + "\n".join(problems)))
-
-
-def free_common_port(hosts: Sequence[str], first: int = 18080, tries: int = 200) -> int:
-    """A TCP port that can be bound on every one of ``hosts`` right now.
-
-    Starts at ``first``, below the usual ephemeral range (32768-60999 on
-    Linux), so outgoing connections are unlikely to grab it meanwhile.
-    """
-    for port in range(first, first + tries):
-        if all(_can_bind(host, port) for host in hosts):
-            return port
-    raise RuntimeError(f"no port in {first}..{first + tries - 1} is free on all of {list(hosts)}")
-
-
-def _can_bind(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # Twisted listens with SO_REUSEADDR too: TIME_WAIT leftovers of a
-        # previous test do not keep the node from binding.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _quote(name: str) -> str:
