@@ -115,14 +115,12 @@ class SyncService(Service):
         if not entries:
             log.info("not configured: a one-node cluster until POST /config")
             return
-        outcome: list[object] = []
-        self.cluster.configure(entries, in_thread=False).addBoth(outcome.append)
-        failure = outcome[0] if outcome and isinstance(outcome[0], Failure) else None
-        if failure is None:
-            return
-        if self.config.actors and failure.check(ConfigError):
-            raise SystemExit(f"counterdb: --actors: {failure.getErrorMessage()}")
-        log.failure("the stored actors list no longer fits this node; waiting for POST /config", failure)
+        try:
+            self.cluster.configure_at_start(entries, persist=bool(self.config.actors))
+        except ConfigError as e:
+            if self.config.actors:
+                raise SystemExit(f"counterdb: --actors: {e}") from None
+            log.error("the stored actors list no longer fits this node ({error}); waiting for POST /config", error=e)
 
     def stopService(self) -> Deferred[object]:
         super().stopService()

@@ -342,17 +342,32 @@ class Cluster:
 
     # -- membership ----------------------------------------------------------
 
-    def configure(self, entries: Any, in_thread: bool = True) -> Deferred[Membership]:
-        """Validate and apply an actors list; fails with ConfigError and then
-        changes nothing. Finding ourselves may resolve names, so it runs in a
-        thread unless ``in_thread`` is false (at start-up, before serving)."""
+    def configure(self, entries: Any) -> Deferred[Membership]:
+        """Validate, record and apply an actors list (``POST /config``);
+        fails with ConfigError and then changes nothing. Finding ourselves
+        may resolve names, so that part runs in a thread."""
         try:
             actors = parse_actors(entries, self.identity.listen_port)
         except ConfigError as e:
             return fail(e)
-        run = self._run_blocking if in_thread else maybeDeferred
-        d = run(
-            identify_self,
+        d = self._run_blocking(self._membership, actors)
+        d.addCallback(self._persist_membership)
+        return d
+
+    def configure_at_start(self, entries: Any, persist: bool) -> Membership:
+        """Apply an actors list before the node serves anything, at once:
+        a restarted node must not answer, even briefly, as a one-node
+        cluster while its stored list is written back. Raises ConfigError.
+        ``persist`` records it too (for ``--actors``), in the background."""
+        membership = self._membership(parse_actors(entries, self.identity.listen_port))
+        self._apply_membership(membership)
+        if persist:
+            d = self.node.store.write_config([a.entry for a in membership.actors])
+            d.addErrback(lambda f: log.failure("could not store the --actors list", f))
+        return membership
+
+    def _membership(self, actors: list[Actor]) -> Membership:
+        index = identify_self(
             actors,
             self.identity.listen_port,
             self.identity.interface,
@@ -360,9 +375,7 @@ class Cluster:
             self._resolve,
             self._is_local,
         )
-        d.addCallback(lambda index: Membership(tuple(actors), index))
-        d.addCallback(self._persist_membership)
-        return d
+        return Membership(tuple(actors), index)
 
     def _persist_membership(self, membership: Membership) -> Deferred[Membership]:
         d = self.node.store.write_config([a.entry for a in membership.actors])

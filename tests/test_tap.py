@@ -146,3 +146,28 @@ def test_a_port_in_use_stops_the_start_with_the_reason(tmp_path: Path) -> None:
         first.store.close()
         if second is not None:
             second.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_node_is_configured_before_it_serves(tmp_path: Path) -> None:
+    """The stored actors list is in force as soon as the service has started,
+    not once it has been written back: a restarted node must never answer as
+    a one-node cluster (its consistent reads would leave out its peers)."""
+    args = ["--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path)]
+    first = makeService(parse(*args, "--actors", "127.0.0.9,127.0.0.10"))
+    first.privilegedStartService()
+    first.startService()
+    try:
+        assert first.cluster.membership is not None  # --actors: in force at once too
+    finally:
+        await first.stopService()  # closing the store finishes the queued write of the list
+
+    restarted = makeService(parse(*args))  # no --actors: the stored list
+    restarted.privilegedStartService()
+    restarted.startService()
+    try:
+        membership = restarted.cluster.membership
+        assert membership is not None and [a.entry for a in membership.actors] == ["127.0.0.9", "127.0.0.10"]
+        assert list(restarted.cluster.links) == [f"http://127.0.0.10:{restarted.web.port.getHost().port}"]
+    finally:
+        await restarted.stopService()
