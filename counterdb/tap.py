@@ -7,7 +7,6 @@ The twistd command line: ``twistd counterdb --port 8080 ...``.
 
 from __future__ import annotations
 
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
