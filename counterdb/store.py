@@ -16,7 +16,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -63,7 +63,7 @@ class Store(Protocol):
     def load(self) -> LoadedState:
         """Read everything persisted (called once, at start-up)."""
 
-    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         """Durably record this node's own new partials (absolute values) and
         the idempotency keys they answer, in one transaction."""
 
@@ -89,7 +89,7 @@ class MemoryStore:
     def load(self) -> LoadedState:
         return LoadedState(self.replica_id, self.actors, list(entries_of(self.counters)), list(self.keys))
 
-    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         for name, count in partials.items():
             self._raise(name, self.replica_id, count)
         self.keys.extend(keys)
@@ -253,7 +253,7 @@ class SqliteStore:
 
     # -- writes ------------------------------------------------------------------
 
-    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         own = [(name, self.replica_id, count) for name, count in partials.items()]
         peers = self._take_peer_backlog()
         d = self._in_thread(self._commit, own + peers, keys)
@@ -309,7 +309,7 @@ class SqliteStore:
 
     # -- on the writer thread --------------------------------------------------------
 
-    def _commit(self, rows: list[tuple[str, str, int]], keys: list[IdempotencyRecord]) -> None:
+    def _commit(self, rows: list[tuple[str, str, int]], keys: Sequence[IdempotencyRecord]) -> None:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")

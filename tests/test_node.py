@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Sequence
 
 from harness import FakeNet
 from twisted.internet.defer import Deferred, fail
@@ -20,7 +21,7 @@ class SlowStore(MemoryStore):
         super().__init__()
         self.commits: list[tuple[dict[str, int], Deferred[None]]] = []
 
-    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.commits.append((dict(partials), list(keys), d))
         return d
@@ -35,7 +36,7 @@ class SlowStore(MemoryStore):
 
 
 class BrokenStore(MemoryStore):
-    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         return fail(OSError(28, "No space left on device"))
 
 
@@ -222,7 +223,7 @@ def test_increments_issued_from_acknowledgements_do_not_nest() -> None:
 
 
 class RaisingStore(MemoryStore):
-    def write_own(self, partials: dict[str, int], keys: list[IdempotencyRecord] = []) -> Deferred[None]:
+    def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         raise RuntimeError("store is closed")
 
 
