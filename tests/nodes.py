@@ -493,6 +493,20 @@ def running_cluster(
         raise AssertionError(cluster.explain("unclean node shutdown:\n" + "\n".join(problems)))
 
 
+@contextlib.contextmanager
+def configured_cluster(base_dir: Path, args: Sequence[str] = NODE_ARGS) -> Iterator[Cluster]:
+    """Three nodes on :data:`HOSTS`, each configured with the seed's bare-IP
+    list through ``POST /config`` (the answer checked); stopped, paused ones
+    resumed first, however the block ends."""
+    with running_cluster(base_dir, HOSTS, args=args) as nodes:
+        for index, node in enumerate(nodes):
+            answer = node.post_config(HOSTS)
+            assert answer == {"index": index, "self": node.host, "actors": HOSTS}, nodes.explain(
+                f"POST /config to {node} answered {answer!r}"
+            )
+        yield nodes
+
+
 def _quote(name: str) -> str:
     """A counter name as one URL path segment."""
     return urllib.parse.quote(name, safe="")

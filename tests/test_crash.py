@@ -12,7 +12,6 @@ condition until a deadline, and the nodes are stopped however a test ends.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import itertools
 import random
@@ -20,33 +19,20 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import pytest
 
 try:
-    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, http_request, is_refused, running_cluster
+    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, configured_cluster, NodeProcess, http_request, is_refused
 except ImportError:  # tests/ became a package
-    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, http_request, is_refused, running_cluster
+    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, configured_cluster, NodeProcess, http_request, is_refused
 
 #: Client timeout of each increment of the load test: a request that gets
 #: no answer in time is "unknown" (it may or may not have been counted).
 LOAD_TIMEOUT = 2.0
 #: Client threads of the load test (the machine has 2 cores).
 LOAD_CLIENTS = 4
-
-
-@contextlib.contextmanager
-def configured_cluster(base_dir: Path, args: Sequence[str] = NODE_ARGS) -> Iterator[Cluster]:
-    """Three nodes configured through POST /config; stopped (paused ones
-    resumed first) however the block ends."""
-    with running_cluster(base_dir, HOSTS, args=args) as nodes:
-        for index, node in enumerate(nodes):
-            answer = node.post_config(HOSTS)
-            assert answer == {"index": index, "self": node.host, "actors": HOSTS}, nodes.explain(
-                f"POST /config to {node} answered {answer!r}"
-            )
-        yield nodes
 
 
 @pytest.fixture

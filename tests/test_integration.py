@@ -18,20 +18,15 @@ from urllib.parse import quote
 import pytest
 
 try:
-    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, is_timeout, running_cluster
+    from nodes import CONVERGE, FAST, HOSTS, Cluster, configured_cluster, NodeProcess, is_timeout
 except ImportError:  # tests/ became a package
-    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, NodeProcess, is_timeout, running_cluster
+    from tests.nodes import CONVERGE, FAST, HOSTS, Cluster, configured_cluster, NodeProcess, is_timeout
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Three configured nodes; stopped (paused ones resumed first) however
     the test ends."""
-    with running_cluster(tmp_path, HOSTS, args=NODE_ARGS) as nodes:
-        for index, node in enumerate(nodes):
-            answer = node.post_config(HOSTS)
-            assert answer == {"index": index, "self": node.host, "actors": HOSTS}, nodes.explain(
-                f"POST /config to {node} answered {answer!r}"
-            )
+    with configured_cluster(tmp_path) as nodes:
         yield nodes
 
 
