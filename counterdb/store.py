@@ -255,10 +255,7 @@ class SqliteStore:
 
     def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         own = [(name, self.replica_id, count) for name, count in partials.items()]
-        peers = self._take_peer_backlog()
-        d = self._in_thread(self._commit, own + peers, keys)
-        d.addErrback(self._restore_peer_backlog, peers)
-        return d
+        return self._commit_with_peer_backlog(own, keys)
 
     def write_peers(self, counters: dict[str, Partials]) -> Deferred[None]:
         backlog = self._peer_backlog
@@ -278,12 +275,7 @@ class SqliteStore:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        peers = self._take_peer_backlog()
-        if not peers:
-            return succeed(None)
-        d = self._in_thread(self._commit, peers, [])
-        d.addErrback(self._restore_peer_backlog, peers)
-        return d
+        return self._commit_with_peer_backlog([], ())
 
     def close(self) -> None:
         """Write what is pending, stop the writer thread, release the lock."""
@@ -358,6 +350,18 @@ class SqliteStore:
     def _flush_peers(self) -> None:
         self._flush_call = None
         self.flush().addErrback(lambda f: log.failure("could not store peer partials; will retry", f))
+
+    def _commit_with_peer_backlog(
+        self, own: list[tuple[str, str, int]], keys: Sequence[IdempotencyRecord]
+    ) -> Deferred[None]:
+        """Commit ``own`` rows and ``keys`` together with the peer partials
+        waiting in memory; if the commit fails, those wait for the next one."""
+        peers = self._take_peer_backlog()
+        if not own and not keys and not peers:
+            return succeed(None)
+        d = self._in_thread(self._commit, own + peers, keys)
+        d.addErrback(self._restore_peer_backlog, peers)
+        return d
 
     def _take_peer_backlog(self) -> list[tuple[str, str, int]]:
         backlog, self._peer_backlog = self._peer_backlog, {}

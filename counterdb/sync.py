@@ -145,7 +145,6 @@ class PeerLink:
         self.settings = settings
         self.rng = rng
         self.dirty: set[str] = set()
-        self.pushes_sent = 0
         self.reachable: bool | None = None  # unknown until the first exchange
         self._push_soon: IDelayedCall | None = None
         self._pushing: Deferred[None] | None = None
@@ -193,7 +192,6 @@ class PeerLink:
             while self.dirty:
                 batch = self._take_push_batch()
                 try:
-                    self.pushes_sent += 1
                     await self.client.push({name: self.node.partials(name) for name in batch})
                 except CancelledError:
                     self.dirty |= batch
