@@ -7,7 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY counterdb ./counterdb
 COPY twisted ./twisted
 

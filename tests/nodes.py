@@ -12,7 +12,7 @@ inspection of a node's data dir (:meth:`NodeProcess.stored_partials`).
 
 Every node runs the checkout's code: ``counterdb.testing`` puts the
 directory holding the imported ``counterdb`` package (this checkout, see
-``pytest.ini``) on the nodes' ``PYTHONPATH``. Each node gets its own working
+``pyproject.toml``) on the nodes' ``PYTHONPATH``. Each node gets its own working
 directory with its log file ``node.log`` in it.
 
 A node can be restarted (:meth:`NodeProcess.restart`) with the same
@@ -312,7 +312,7 @@ class NodeProcess:
     def stored_partials(self, name: str) -> dict[str, int]:
         """The partials of counter ``name`` in the node's SQLite file: what
         survives a crash right now. Read-only; the node may be running."""
-        from counterdb.store import DB_FILE  # the tests' own checkout (pytest.ini pythonpath)
+        from counterdb.store import DB_FILE  # the tests' own checkout (pyproject.toml pythonpath)
 
         path = urllib.parse.quote(str(self.data_dir / DB_FILE))
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as db:
