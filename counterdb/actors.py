@@ -15,6 +15,10 @@ from typing import Any, Callable, Iterable
 import attrs
 
 WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() also takes "²" and "٨"
+# What the C library reads as an IPv4 address: 1 to 4 numbers, decimal,
+# octal (leading 0) or hex (0x), joined by dots ("2130706434", "127.1").
+_NUMERIC_IPV4 = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[0-9]+)){0,3}")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
 
 
@@ -48,7 +52,7 @@ def parse_actor(entry: Any) -> Actor:
     host, port_text = _split_host_port(text)
     port = None
     if port_text is not None:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
             raise ConfigError(f"actor {entry!r}: port must be a number from 1 to 65535")
         port = int(port_text)
     if not _is_ip(host) and not _HOSTNAME.match(host):
@@ -168,6 +172,14 @@ def _is_ip(text: str) -> bool:
 
 
 def _normalise_host(host: str) -> str:
+    """The canonical form of ``host``: an IP address as the resolver reads
+    it (``2130706434`` and ``127.000.000.002`` are 127.0.0.2 to connect(),
+    so they must be to duplicate detection too), a name in lower case."""
     if _is_ip(host):
         return str(ipaddress.ip_address(host))
+    if _NUMERIC_IPV4.fullmatch(host):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            pass
     return host.lower().rstrip(".") or host

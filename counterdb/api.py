@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from klein import Klein
 from klein.resource import KleinResource
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -22,12 +23,12 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from counterdb.actors import ConfigError
+from counterdb.consistent import ConsistencyTimeout, ConsistentReads
 from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_name, validate_partials
+from counterdb.membership import Members
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
-from counterdb.sync import Cluster, ConsistencyTimeout
-
-#: Largest request body accepted (a setsync or push of many counters fits).
-MAX_BODY_BYTES = 1024 * 1024
+from counterdb.replication import Replication
+from counterdb.wire import MAX_BODY_BYTES, REPLICA_HEADER, BadJSON, decode_json
 #: Largest ?timeout= a consistent read accepts, in seconds.
 MAX_READ_TIMEOUT = 24 * 3600.0
 #: Longest Idempotency-Key accepted.
@@ -49,9 +50,12 @@ class CounterAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, node: Node, cluster: Cluster) -> None:
+    def __init__(self, node: Node, members: Members, replication: Replication, reads: ConsistentReads) -> None:
         self.node = node
-        self.cluster = cluster
+        self.members = members
+        self.replication = replication
+        self.reads = reads
+        self._conflict_logged_at = -math.inf
 
     def resource(self) -> IResource:
         return _Utf8PathGuard(self.app.resource())
@@ -63,14 +67,14 @@ class CounterAPI:
         body = _read_json(request)
         if not isinstance(body, dict) or "actors" not in body:
             raise ClientError(400, 'expected a JSON object like {"actors": ["10.0.0.1", "10.0.0.2:8080"]}')
-        d = self.cluster.configure(body["actors"])
+        d = self.members.configure(body["actors"])
         d.addCallback(lambda membership: _json(request, membership.as_json()))
         d.addErrback(_config_error)
         return d
 
     @app.route("/config", methods=["GET"])
     def get_config(self, request: IRequest) -> bytes:
-        membership = self.cluster.membership
+        membership = self.members.current
         info = membership.as_json() if membership else {"index": 0, "self": None, "actors": []}
         info["replica"] = self.node.replica_id
         return _json(request, info)
@@ -97,7 +101,7 @@ class CounterAPI:
     def consistent_value(self, request: IRequest, name: str) -> Deferred[bytes]:
         name = _counter_name(name)
         timeout = _timeout_arg(request)
-        d = self.cluster.consistent_value(name, timeout)
+        d = self.reads.value(name, timeout)
         d.addCallback(lambda total: _text(request, total))
         d.addErrback(_read_timeout, request)
         return d
@@ -105,11 +109,13 @@ class CounterAPI:
     @app.route("/counter/<name>/getsync", methods=["GET"])
     def getsync(self, request: IRequest, name: str) -> bytes:
         name = _counter_name(name)
-        return _json(request, {"name": name, "partials": self.node.partials(name)})
+        self._refuse_own_replica(request)
+        return self._counter_state(request, name)
 
     @app.route("/counter/<name>/setsync", methods=["POST"])
     def setsync(self, request: IRequest, name: str) -> bytes:
         name = _counter_name(name)
+        self._refuse_own_replica(request)
         body = _read_json(request)
         if not isinstance(body, dict) or "partials" not in body:
             raise ClientError(400, 'expected a JSON object like {"partials": {"<replica id>": 5}}')
@@ -120,12 +126,17 @@ class CounterAPI:
         except InvalidState as e:
             raise ClientError(400, str(e)) from None
         self.node.merge({name: partials})
-        return _json(request, {"name": name, "partials": self.node.partials(name)})
+        return self._counter_state(request, name)
+
+    def _counter_state(self, request: IRequest, name: str) -> bytes:
+        state = {"name": name, "replica": self.node.replica_id, "partials": self.node.partials(name)}
+        return _json(request, state)
 
     # -- node-level sync (extension: what polls and pushes use) --------------
 
     @app.route("/sync", methods=["GET"])
     def get_changes(self, request: IRequest) -> bytes:
+        self._refuse_own_replica(request)
         since = _int_arg(request, b"since", 0, 0, 2**63)
         limit = _int_arg(request, b"limit", 10_000, 1, MAX_SYNC_LIMIT)
         epoch = _str_arg(request, b"epoch")
@@ -133,6 +144,7 @@ class CounterAPI:
 
     @app.route("/sync", methods=["POST"])
     def post_changes(self, request: IRequest) -> bytes:
+        self._refuse_own_replica(request)
         body = _read_json(request)
         if not isinstance(body, dict) or "counters" not in body:
             raise ClientError(400, 'expected a JSON object like {"counters": {"<name>": {"<replica id>": 5}}}')
@@ -141,7 +153,30 @@ class CounterAPI:
         except InvalidState as e:
             raise ClientError(400, str(e)) from None
         grown = self.node.merge(counters)
-        return _json(request, {"merged": sum(len(p) for p in grown.values())})
+        return _json(request, {"replica": self.node.replica_id, "merged": sum(len(p) for p in grown.values())})
+
+    def _refuse_own_replica(self, request: IRequest) -> None:
+        """A peer that sends this node's own replica id runs on a copy of
+        this node's data dir: exchanging state with it would let the
+        max-merge hide one copy's increments behind the other's. Refused
+        on this side (409) as the peer refuses it on its side."""
+        sender = request.getHeader(REPLICA_HEADER)
+        if sender is None or sender != self.node.replica_id:
+            return
+        now = self.node.clock.seconds()
+        if now - self._conflict_logged_at >= 60:
+            self._conflict_logged_at = now
+            self.log.error(
+                "refusing sync from {client}: it sends this node's own replica id {replica}; one of the two "
+                "was started from a copy of the other's data dir (see docs/operations.md)",
+                client=_client_of(request),
+                replica=sender,
+            )
+        raise ClientError(
+            409,
+            f"replica id {sender} is this node's own: one of the two nodes was started from a copy of the "
+            "other's data dir; give one of them a new identity (docs/operations.md, duplicate replica ids)",
+        )
 
     # -- errors --------------------------------------------------------------
 
@@ -149,22 +184,27 @@ class CounterAPI:
     def error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         if isinstance(error, ClientError):
-            return _error(request, error.code, error.message)
+            return error_body(request, error.code, error.message)
         if isinstance(error, NotFound):
-            return _error(request, 404, f"no such resource: {request.path.decode('latin-1')}")
+            return error_body(request, 404, f"no such resource: {request.path.decode('latin-1')}")
         if isinstance(error, MethodNotAllowed):
             allowed = ", ".join(error.valid_methods or [])
             request.setHeader(b"Allow", allowed.encode("ascii"))
-            return _error(request, 405, f"method {request.method.decode('latin-1')} not allowed here; use {allowed}")
+            return error_body(request, 405, f"method {request.method.decode('latin-1')} not allowed here; use {allowed}")
         if isinstance(error, HTTPException):
-            return _error(request, error.code or 400, error.description or "bad request")
+            return error_body(request, error.code or 400, error.description or "bad request")
         self.log.failure(
             "unexpected error answering {method} {path}",
             failure,
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
         )
-        return _error(request, 500, "internal error; the node logged the details")
+        return error_body(request, 500, "internal error; the node logged the details")
+
+
+def _client_of(request: IRequest) -> str:
+    peer = request.getClientAddress()
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
 
 #: Reason phrases Twisted does not know.
@@ -185,11 +225,11 @@ class _Utf8PathGuard(Resource):
         try:
             b"/".join(request.postpath).decode("utf-8")
         except UnicodeDecodeError:
-            return _error(request, 400, "the URL path is not valid UTF-8 once percent-decoded")
+            return error_body(request, 400, "the URL path is not valid UTF-8 once percent-decoded")
         return self.inner.render(request)
 
 
-def _error(request: IRequest, code: int, message: str) -> bytes:
+def error_body(request: IRequest, code: int, message: str) -> bytes:
     request.setResponseCode(code, _REASONS.get(code))
     return _json(request, {"error": message})
 
@@ -223,9 +263,14 @@ def _read_body(request: IRequest) -> bytes:
 
 def _read_json(request: IRequest) -> Any:
     try:
-        return json.loads(_read_body(request))
-    except (ValueError, UnicodeDecodeError):
-        raise ClientError(400, "request body must be JSON") from None
+        return decode_json(_read_body(request))
+    except BadJSON as e:
+        raise ClientError(400, f"request body must be JSON: {e}") from None
+
+
+#: A decimal amount: ASCII digits only (str.isdigit() also takes "²" and
+#: other scripts' digits), and no more than MAX_COUNT has.
+_DECIMAL = re.compile(rb"[0-9]{1,%d}" % len(str(MAX_COUNT)))
 
 
 def _parse_amount(body: bytes) -> int:
@@ -233,12 +278,14 @@ def _parse_amount(body: bytes) -> int:
     text = body.strip()
     if not text:
         return 1
-    if text.isdigit():
+    if _DECIMAL.fullmatch(text):
         return int(text)
+    if text.isdigit() and text.isascii():
+        raise ClientError(400, f"the increment must be at most {MAX_COUNT}")
     expected = 'expected an empty body, a non-negative integer like 5, or {"addValue": 5}'
     try:
-        decoded = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
+        decoded = decode_json(text)
+    except BadJSON:
         raise ClientError(400, f"cannot read the increment: {expected}") from None
     if isinstance(decoded, dict) and set(decoded) == {"addValue"}:
         decoded = decoded["addValue"]
@@ -289,10 +336,12 @@ def _config_error(failure: Failure) -> None:
 
 
 def _idempotency_key(request: IRequest) -> str | None:
-    raw = request.getHeader(b"idempotency-key")
-    if raw is None:
+    values = request.requestHeaders.getRawHeaders(b"idempotency-key")
+    if not values:
         return None
-    key = raw.strip()
+    if len(values) > 1:
+        raise ClientError(400, "send one Idempotency-Key header, not several: a request is one increment")
+    key = values[0].strip()
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not all(0x21 <= b <= 0x7E for b in key):
         raise ClientError(
             400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters, e.g. a UUID"
@@ -317,6 +366,8 @@ def _increment_error(failure: Failure) -> None:
 
 
 def _read_timeout(failure: Failure, request: IRequest) -> bytes:
+    if failure.check(CancelledError):  # the node is stopping (or the client left)
+        raise ClientError(503, "the node is shutting down; ask another node")
     failure.trap(ConsistencyTimeout)
     error = failure.value
     request.setResponseCode(504)

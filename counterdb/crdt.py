@@ -14,17 +14,24 @@ cost proportional to what changed, not to the number of counters.
 
 from __future__ import annotations
 
+import re
+from array import array
+from bisect import bisect_right
 from typing import Any, Iterable, Iterator, Mapping
 
-#: Largest value of any partial or counter total (a signed 64-bit integer),
-#: so that every client language can hold it.
+import attrs
+
+#: Largest value of one replica's partial: a signed 64-bit integer, so that
+#: every node can check it locally and store it as an SQLite INTEGER. A
+#: counter's total (the sum of its partials) is an exact integer of any size.
 MAX_COUNT = 2**63 - 1
 
 #: Counter names are 1..255 bytes of UTF-8.
 MAX_NAME_BYTES = 255
 
-#: Replica ids are short printable strings (we generate 32 hex characters).
+#: Replica ids are short ASCII strings (we generate 32 hex characters).
 MAX_REPLICA_ID_CHARS = 128
+_REPLICA_ID = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % MAX_REPLICA_ID_CHARS)
 
 Partials = dict[str, int]
 
@@ -65,6 +72,13 @@ def validate_name(name: str) -> str:
     return name
 
 
+def is_replica_id(text: object) -> bool:
+    """Whether ``text`` is a replica id: 1 to 128 of ``A-Z a-z 0-9 _ . -``.
+    As strict as this, a replica id from a peer can never fail to encode
+    or compare differently in the store."""
+    return isinstance(text, str) and _REPLICA_ID.fullmatch(text) is not None
+
+
 def validate_partials(obj: Any) -> Partials:
     """Check a JSON-decoded state ``{"<replica id>": <count>, ...}``.
 
@@ -73,9 +87,10 @@ def validate_partials(obj: Any) -> Partials:
     if not isinstance(obj, dict):
         raise InvalidState("partials must be a JSON object mapping replica ids to counts")
     for replica, count in obj.items():
-        if not isinstance(replica, str) or not 1 <= len(replica) <= MAX_REPLICA_ID_CHARS:
+        if not is_replica_id(replica):
             raise InvalidState(
-                f"replica ids must be strings of 1 to {MAX_REPLICA_ID_CHARS} characters"
+                f"replica ids must be 1 to {MAX_REPLICA_ID_CHARS} characters from A-Z, a-z, 0-9, '_', '.' "
+                f"and '-', got {replica[:MAX_REPLICA_ID_CHARS + 1]!r}"
             )
         # bool is an int subclass in Python; true/false are not counts.
         if isinstance(count, bool) or not isinstance(count, int):
@@ -102,21 +117,21 @@ def validate_counters(obj: Any) -> dict[str, Partials]:
 
 
 class CounterTable:
-    """Every counter a node knows, with per-counter versions for delta sync."""
+    """Every counter a node knows, with per-counter versions for delta sync.
+
+    Each change stamps the counter with the next version and appends it to
+    a :class:`ChangeLog`, so "what changed after version V" costs
+    O(log n + page) whatever the table size.
+    """
 
     def __init__(self) -> None:
         self._counters: dict[str, Partials] = {}
-        # counter -> version of its last change, oldest first (a plain dict
-        # keeps insertion order and is half the size of an OrderedDict), so
-        # the newest changes can be read from the end without a full scan.
-        self._versions: dict[str, int] = {}
+        self._versions: dict[str, int] = {}  # counter -> version of its last change
+        self._log = ChangeLog()
         self.version = 0
 
     def __len__(self) -> int:
         return len(self._counters)
-
-    def names(self) -> Iterator[str]:
-        return iter(self._counters)
 
     def partials(self, name: str) -> Partials:
         """A copy of the state of ``name`` (empty if nobody incremented it)."""
@@ -153,7 +168,7 @@ class CounterTable:
         keeps a table of a million counters from holding millions of copies.
         """
         replicas: dict[str, str] = {}
-        counters, versions = self._counters, self._versions
+        counters = self._counters
         for name, replica, count in entries:
             if count <= 0:
                 continue
@@ -161,8 +176,7 @@ class CounterTable:
             current = counters.get(name)
             if current is None:
                 current = counters[name] = {}
-                self.version += 1
-                versions[name] = self.version
+                self._stamp(name)
             if count > current.get(replica, 0):
                 current[replica] = count
 
@@ -171,24 +185,79 @@ class CounterTable:
 
         Returns ``(counters, version, more)``: the changed counters with all
         their partials, the version to ask from next time, and whether
-        ``limit`` cut the answer short. Costs O(counters changed since
-        ``since``), not O(all counters).
+        ``limit`` cut the answer short.
         """
-        newer: list[tuple[str, int]] = []
-        for name in reversed(self._versions):
-            version = self._versions[name]
-            if version <= since:
-                break
-            newer.append((name, version))
-        newer.reverse()
-        more = limit is not None and len(newer) > limit
-        if more:
-            newer = newer[:limit]
-        counters = {name: dict(self._counters[name]) for name, _ in newer}
-        next_since = newer[-1][1] if more else self.version
-        return counters, next_since, more
+        counters: dict[str, Partials] = {}
+        last = since
+        for version, name in self._log.after(since):
+            if limit is not None and len(counters) == limit:
+                return counters, last, True
+            counters[name] = dict(self._counters[name])
+            last = version
+        return counters, self.version, False
 
     def _stamp(self, name: str) -> None:
         self.version += 1
-        self._versions.pop(name, None)  # re-inserting moves it to the end
+        previous = self._versions.get(name)
+        if previous is not None:
+            self._log.forget(previous)
         self._versions[name] = self.version
+        self._log.append(self.version, name)
+
+
+@attrs.define
+class _Block:
+    versions: array  # ascending
+    names: list[str]
+    stale: set[int] = attrs.Factory(set)  # versions re-stamped since
+
+
+class ChangeLog:
+    """``(version, name)`` entries in ascending version order, in blocks of
+    at most :attr:`BLOCK` entries, with superseded entries dropped.
+
+    Forgetting an entry marks it stale in its block; a block that is half
+    stale is rewritten (O(BLOCK)) and an empty one removed, so no single
+    change ever costs more than one block's rewrite, and a reader skips at
+    most about as many stale entries as it returns live ones.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self) -> None:
+        self._blocks: list[_Block] = []
+        self._firsts: list[int] = []  # first version of each block, for bisect
+
+    def append(self, version: int, name: str) -> None:
+        if not self._blocks or len(self._blocks[-1].versions) >= self.BLOCK:
+            self._blocks.append(_Block(array("q"), []))
+            self._firsts.append(version)
+        block = self._blocks[-1]
+        block.versions.append(version)
+        block.names.append(name)
+
+    def forget(self, version: int) -> None:
+        i = bisect_right(self._firsts, version) - 1
+        block = self._blocks[i]
+        block.stale.add(version)
+        if len(block.stale) * 2 >= len(block.versions):
+            self._rewrite(i)
+
+    def after(self, since: int) -> Iterator[tuple[int, str]]:
+        """Live entries with a version above ``since``, oldest first. Do
+        not change the log while iterating."""
+        i = max(0, bisect_right(self._firsts, since) - 1)
+        for block in self._blocks[i:]:
+            start = bisect_right(block.versions, since)
+            for version, name in zip(block.versions[start:], block.names[start:]):
+                if version not in block.stale:
+                    yield version, name
+
+    def _rewrite(self, i: int) -> None:
+        block = self._blocks[i]
+        keep = [j for j, v in enumerate(block.versions) if v not in block.stale]
+        if not keep:
+            del self._blocks[i], self._firsts[i]
+            return
+        self._blocks[i] = _Block(array("q", [block.versions[j] for j in keep]), [block.names[j] for j in keep])
+        self._firsts[i] = block.versions[keep[0]]

@@ -28,8 +28,9 @@ from twisted.python.failure import Failure
 from counterdb.crdt import MAX_COUNT, CounterTable, Partials
 from counterdb.store import IDEMPOTENCY_MAX_KEYS, IDEMPOTENCY_WINDOW, IdempotencyRecord, Store
 
+
 class Overflow(ValueError):
-    """The increment would take the counter above :data:`MAX_COUNT`."""
+    """The increment would take this node's partial above :data:`MAX_COUNT`."""
 
 
 class StoreUnavailable(RuntimeError):
@@ -38,6 +39,16 @@ class StoreUnavailable(RuntimeError):
 
 class KeyReused(ValueError):
     """An idempotency key came back with a different request."""
+
+
+@attrs.define
+class NodeStats:
+    """Running totals a benchmark or an operator reads (``GET /status``)."""
+
+    increments: int = 0  # accepted increment requests, replays excluded
+    commits: int = 0  # durable group commits
+    committed_increments: int = 0  # increments made durable by those commits
+    failed_commits: int = 0
 
 
 @attrs.frozen
@@ -87,7 +98,10 @@ class Node:
         self._queue: list[_PendingIncrement] = []
         self._committing = False
         self._draining = False
+        self._stopping: Deferred[None] | None = None
+        self._idle_waiters: list[Deferred[None]] = []
         self._change_listeners: list[Callable[[set[str]], None]] = []
+        self.stats = NodeStats()
 
     # -- reads ---------------------------------------------------------------
 
@@ -110,6 +124,14 @@ class Node:
             "counters": counters,
         }
 
+    # -- configuration ---------------------------------------------------------
+
+    def save_config(self, actors: list[str]) -> Deferred[None]:
+        """Durably record the accepted actors list (read back at the next start)."""
+        d = self.store.write_config(actors)
+        d.addCallback(lambda _: setattr(self, "stored_actors", list(actors)))
+        return d
+
     # -- writes --------------------------------------------------------------
 
     def on_local_change(self, listener: Callable[[set[str]], None]) -> None:
@@ -128,6 +150,9 @@ class Node:
             repeat = self._repeat_of(key, name, amount)
             if repeat is not None:
                 return repeat
+        if self._stopping is not None:
+            return fail(StoreUnavailable("the node is shutting down"))
+        self.stats.increments += 1
         waiter: Deferred[Acknowledged] = Deferred()
         pending = _PendingIncrement(name, amount, key, [waiter])
         self._queue.append(pending)
@@ -138,15 +163,39 @@ class Node:
         return waiter
 
     def merge(self, counters: dict[str, Partials]) -> dict[str, Partials]:
-        """Merge partials learnt from elsewhere; return the entries that grew."""
+        """Merge partials learnt from elsewhere; return the entries that grew.
+
+        This node's own partial is left out: it only ever grows through this
+        node's durable increments, so no peer or client can inflate it (or
+        claim this node's replica id from another place)."""
         grown: dict[str, Partials] = {}
+        own = self.replica_id
         for name, partials in counters.items():
+            if own in partials:
+                partials = {replica: count for replica, count in partials.items() if replica != own}
             changed = self.table.merge(name, partials)
             if changed:
                 grown[name] = changed
-        if grown:
-            self.store.write_peers(grown).addErrback(self._log_peer_write_failure)
+        if grown and self._stopping is None:
+            self.store.write_peers(grown)
         return grown
+
+    # -- shutdown --------------------------------------------------------------
+
+    def stop(self) -> Deferred[None]:
+        """Refuse new increments and fire once every queued one is answered."""
+        if self._stopping is None:
+            self._stopping = Deferred()
+            self._when_idle(self._stopping)
+        d: Deferred[None] = Deferred()
+        self._stopping.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
+    def _when_idle(self, d: Deferred[None]) -> None:
+        if not self._committing and not self._queue:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
 
     # -- idempotency -----------------------------------------------------------
 
@@ -223,8 +272,16 @@ class Node:
         for pending in batch:
             mine = own.get(pending.name, self.table.partial(pending.name, self.replica_id))
             others = self.table.value(pending.name) - self.table.partial(pending.name, self.replica_id)
-            if others + mine + pending.amount > MAX_COUNT:
-                self._fail(pending, Overflow(f"counter {pending.name!r} would exceed {MAX_COUNT}"))
+            # Only this node's own partial is bounded, so the check needs
+            # nothing from other nodes: totals may grow past 64 bits.
+            if mine + pending.amount > MAX_COUNT:
+                self._fail(
+                    pending,
+                    Overflow(
+                        f"this node's share of counter {pending.name!r} would exceed {MAX_COUNT}; "
+                        "increment it on another node"
+                    ),
+                )
                 continue
             own[pending.name] = mine + pending.amount
             pending.answer = others + own[pending.name]
@@ -236,9 +293,12 @@ class Node:
         for name, count in own.items():
             self.table.merge(name, {self.replica_id: count})
         self._remember_keys(records)
-        changed = set(own)
-        for listener in self._change_listeners:
-            listener(changed)
+        self.stats.commits += 1
+        self.stats.committed_increments += len(accepted)
+        self._answer(accepted)
+        self._tell_listeners(set(own))
+
+    def _answer(self, accepted: list[_PendingIncrement]) -> None:
         for pending in accepted:
             # Later waiters are repeats of the first request with the same key.
             for i, waiter in enumerate(pending.waiters):
@@ -247,7 +307,17 @@ class Node:
                 if not waiter.called:
                     waiter.callback(Acknowledged(pending.answer, replayed=i > 0))
 
+    def _tell_listeners(self, changed: set[str]) -> None:
+        # A listener that raises must not keep the others from hearing of a
+        # durable change, nor leave the commit loop stuck.
+        for listener in self._change_listeners:
+            try:
+                listener(changed)
+            except Exception:
+                self.log.failure("a change listener failed for {count} counters", count=len(changed))
+
     def _batch_failed(self, failure: Failure, accepted: list[_PendingIncrement]) -> None:
+        self.stats.failed_commits += 1
         self.log.failure("could not make {count} increments durable", failure, count=len(accepted))
         error = StoreUnavailable(f"the store could not commit: {failure.getErrorMessage()}")
         for pending in accepted:
@@ -263,11 +333,14 @@ class Node:
 
     def _batch_finished(self, result: object) -> None:
         self._committing = False
-        if self._queue:
-            self._commit_next_batch()
+        if isinstance(result, Failure):
+            self.log.failure("the group commit loop failed", result)
+        self._commit_next_batch()
+        if not self._committing and not self._queue:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
-    def _log_peer_write_failure(self, failure: Failure) -> None:
-        self.log.failure("could not store partials learnt from peers", failure)
 
 
 def _key_reused(key: str, counter: str, amount: int) -> KeyReused:

@@ -1,34 +1,49 @@
 """
-Service wiring: a ``MultiService`` of the HTTP listener and peer sync.
+Service wiring: one counterdb node as a tree of Twisted services, each
+opening what it owns in ``startService`` and releasing it in a
+``stopService`` that returns a Deferred.
 
-Kept thin on purpose: it builds the node, the cluster and the API from a
-:class:`ServiceConfig` and starts/stops them in the right order.
+- :class:`StoreService` opens the data dir (lock, integrity check, writer
+  thread) and loads the :class:`~counterdb.node.Node`. twistd calls
+  ``startService`` after it has forked into the background and dropped
+  privileges (``--uid/--gid``), so the thread, the lock's pid and every file
+  belong to the daemon.
+- :class:`ListeningService`, the stock ``StreamServerEndpointService``, binds
+  in ``privilegedStartService`` (so ``--port 80 --uid nobody`` works) and
+  hands the bound address on through a Deferred.
+- :class:`SyncService` waits for both, then runs membership, replication
+  and consistent reads; stopping it cancels every peer request.
+
+Until the node is loaded the site answers 503; in practice twistd starts
+every service before the reactor serves the first request.
 """
 
 from __future__ import annotations
 
 import gc
-from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable
 
 import attrs
 from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from counterdb.actors import Actor, ConfigError
-from counterdb.api import CounterAPI
+from counterdb.api import CounterAPI, error_body
+from counterdb.consistent import ConsistentReads
+from counterdb.membership import Identity, Members
 from counterdb.node import Node
+from counterdb.replication import Replication, SyncSettings
 from counterdb.store import SqliteStore, Store, StoreError, StoreSettings
-from counterdb.sync import Cluster, Identity, SyncSettings
 
 log = Logger()
 
@@ -46,143 +61,270 @@ class ServiceConfig:
     store: StoreSettings = StoreSettings()
 
 
+class _Waiters:
+    """Deferreds waiting for one result that comes once."""
+
+    def __init__(self) -> None:
+        self._waiting: list[Deferred[Any]] = []
+        self._result: list[Any] = []
+
+    def when(self) -> Deferred[Any]:
+        if self._result:
+            return succeed(self._result[0])
+        d: Deferred[Any] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def fire(self, result: Any) -> None:
+        self._result = [result]
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(result)
+
+
+def _raise_now(d: Deferred[Any]) -> None:
+    """Raise the failure of an already-fired Deferred synchronously, so
+    that twistd (which calls startService before the reactor runs) exits
+    with the reason instead of serving a half-started node."""
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    if failures:
+        failures[0].raiseException()
+
+
+class StoreService(Service):
+    """Owns the data dir and the node loaded from it."""
+
+    def __init__(self, open_store: Callable[[], Store], clock: Any) -> None:
+        self._open_store = open_store
+        self.clock = clock
+        self.store: Store | None = None
+        self.node: Node | None = None
+        self._ready = _Waiters()
+
+    def when_ready(self) -> Deferred[Node]:
+        return self._ready.when()
+
+    def startService(self) -> None:
+        super().startService()
+        self.store = self._open_store()
+        try:
+            self.node = Node(self.store, self.clock)
+        except BaseException:
+            self.store.close()
+            raise
+        # The loaded table is long-lived: keep the collector from scanning it
+        # on every full collection (about 140 ms per million counters).
+        gc.freeze()
+        self._ready.fire(self.node)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self.node is None or self.store is None:
+            return succeed(None)
+        store = self.store
+        d = self.node.stop()  # answer every queued increment first
+        d.addCallback(lambda _: store.shutdown())
+        return d
+
+    def close_now(self) -> None:
+        """Release the data dir at once (a start that failed: no reactor runs)."""
+        if self.store is not None:
+            self.store.close()
+
+
+class ListeningService(StreamServerEndpointService):
+    """The stock endpoint service, failing loudly and telling who waits
+    for it which address it got."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, description: str, reactor: Any, factory: Site) -> None:
+        super().__init__(serverFromString(reactor, description), factory)
+        self.description = description
+        self.port: IListeningPort | None = None
+        self._listening = _Waiters()
+
+    def when_listening(self) -> Deferred[IAddress]:
+        return self._listening.when()
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            # Exiting now, with the reason, beats running a node nobody can reach.
+            raise SystemExit(f"counterdb: cannot listen on {self.description}: {e}") from None
+        self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        address = port.getHost()
+        log.info("counterdb listening on {host}:{port}", host=address.host, port=address.port)
+        self._listening.fire(address)
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        d = super().stopService()
+        d.addBoth(lambda result: (setattr(self, "port", None), result)[1])
+        return d
+
+
+@attrs.define
+class Syncing:
+    """The running sync parts of one node."""
+
+    members: Members
+    replication: Replication
+    reads: ConsistentReads
+
+
+class SyncService(Service):
+    """Membership, replication and consistent reads, once the node is
+    loaded and its address known."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        reactor: Any,
+        node_ready: Callable[[], Deferred[Node]],
+        listening: Callable[[], Deferred[IAddress]],
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self._node_ready = node_ready
+        self._listening = listening
+        self.parts: Syncing | None = None
+        self._started = _Waiters()
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 4
+
+    def when_started(self) -> Deferred[Syncing]:
+        return self._started.when()
+
+    def startService(self) -> None:
+        super().startService()
+        d = gatherResults([self._node_ready(), self._listening()], consumeErrors=True)
+        d.addCallback(lambda results: self._start(*results))
+        _raise_now(d)
+
+    def _start(self, node: Node, address: IAddress) -> None:
+        http = HTTPClient(Agent(self.reactor, pool=self.pool, connectTimeout=self.config.sync.peer_timeout))
+        identity = Identity(
+            listen_port=address.port,  # type: ignore[attr-defined]
+            interface=getattr(address, "host", None),
+            advertise=self.config.advertise,
+        )
+        members = Members(node, identity, run_blocking=deferToThread)
+        replication = Replication(node, http, self.reactor, self.config.sync)
+        members.on_change(lambda membership: replication.follow(membership, identity.listen_port))
+        self._configure_at_start(members, node)
+        replication.start()
+        self.parts = Syncing(members, replication, ConsistentReads(node, replication, self.reactor))
+        self._started.fire(self.parts)
+
+    def _configure_at_start(self, members: Members, node: Node) -> None:
+        entries = self.config.actors or node.stored_actors
+        if not entries:
+            log.info("not configured: a one-node cluster until POST /config")
+            return
+        try:
+            members.configure_at_start(entries, persist=bool(self.config.actors))
+        except ConfigError as e:
+            if self.config.actors:
+                raise SystemExit(f"counterdb: --actors: {e}") from None
+            log.error("the stored actors list no longer fits this node ({error}); waiting for POST /config", error=e)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stopping = [self.pool.closeCachedConnections()]
+        if self.parts is not None:
+            stopping = [self.parts.reads.stop(), self.parts.replication.stop(), *stopping]
+        return DeferredList(stopping)
+
+
 class CounterDBSite(Site):
     """A Site that leaves node-to-node sync (``/sync``, every poll interval
-    per peer) out of the access log, so the log shows what clients did."""
+    per peer) out of the access log, so the log shows what clients did.
+    Request bodies are never parsed as forms: every endpoint reads JSON or
+    a number, and a malformed multipart body must get our JSON 400."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False)
+        self.displayTracebacks = False
 
     def log(self, request: object) -> None:
         if getattr(request, "path", None) != b"/sync":
             super().log(request)
 
 
-class WebService(Service):
-    """Listens on the configured endpoint; refuses to start if it cannot."""
+class _Starting(Resource):
+    """What the site serves until the node is loaded."""
 
-    def __init__(self, endpoint: str, site: Site) -> None:
-        self.endpoint = endpoint
-        self.site = site
-        self.port: IListeningPort | None = None
+    isLeaf = True
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        outcome: list[object] = []
-        serverFromString(global_reactor, self.endpoint).listen(self.site).addBoth(outcome.append)
-        # Stream endpoints listen synchronously; failing now makes twistd exit
-        # with the reason instead of running a node nobody can reach.
-        if not outcome or isinstance(outcome[0], Failure):
-            reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
-            raise SystemExit(f"counterdb: cannot listen on {self.endpoint}: {reason}")
-        self.port = outcome[0]  # type: ignore[assignment]
-        address = self.port.getHost()
-        log.info("counterdb listening on {host}:{port}", host=address.host, port=address.port)
-
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
-
-
-class SyncService(Service):
-    """Finds this node in its actors list and runs the peer links."""
-
-    def __init__(self, cluster: Cluster, web: WebService, config: ServiceConfig, pool: HTTPConnectionPool) -> None:
-        self.cluster = cluster
-        self.web = web
-        self.config = config
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        assert self.web.port is not None, "the web service starts first"
-        address = self.web.port.getHost()
-        self.cluster.identity = Identity(
-            listen_port=address.port,
-            interface=getattr(address, "host", None),
-            advertise=self.config.advertise,
-        )
-        self._configure_at_start()
-        self.cluster.start()
-
-    def _configure_at_start(self) -> None:
-        entries = self.config.actors or self.cluster.node.stored_actors
-        if not entries:
-            log.info("not configured: a one-node cluster until POST /config")
-            return
-        try:
-            self.cluster.configure_at_start(entries, persist=bool(self.config.actors))
-        except ConfigError as e:
-            if self.config.actors:
-                raise SystemExit(f"counterdb: --actors: {e}") from None
-            log.error("the stored actors list no longer fits this node ({error}); waiting for POST /config", error=e)
-
-    def stopService(self) -> Deferred[object]:
-        super().stopService()
-        self.cluster.stop()
-        return DeferredList([self.pool.closeCachedConnections()])
+    def render(self, request: Any) -> bytes:
+        return error_body(request, 503, "the node is starting; try again in a moment")
 
 
 class CounterDBService(MultiService):
-    """One counterdb node: store, counter table, cluster sync and HTTP API."""
+    """One counterdb node: store, listener and sync, started in that order
+    and stopped in the reverse one."""
 
-    def __init__(self, config: ServiceConfig, store: Store | None = None) -> None:
+    def __init__(self, config: ServiceConfig, reactor: Any, store: Store | None = None) -> None:
         super().__init__()
         self.config = config
-        self.store = store or _open_store(config)
-        self.node = Node(self.store, global_reactor)
-        # The loaded table is long-lived: keep the collector from scanning it
-        # on every full collection (about 140 ms per million counters).
-        gc.freeze()
-        self.pool = HTTPConnectionPool(global_reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 4
-        http = HTTPClient(Agent(global_reactor, pool=self.pool, connectTimeout=config.sync.peer_timeout))
-        self.cluster = Cluster(
-            self.node,
-            http,
-            global_reactor,
-            Identity(listen_port=0),  # replaced once we listen
-            config.sync,
-            run_blocking=deferToThread,
-        )
-        site = CounterDBSite(CounterAPI(self.node, self.cluster).resource())
-        site.displayTracebacks = False
-        self.web = WebService(config.endpoint, site)
-        self.web.setServiceParent(self)
-        SyncService(self.cluster, self.web, config, self.pool).setServiceParent(self)
+        self.site = CounterDBSite(_Starting())
+        self.storage = StoreService(lambda: store or _open_store(config, reactor), reactor)
+        self.web = ListeningService(config.endpoint, reactor, self.site)
+        self.sync = SyncService(config, reactor, self.storage.when_ready, self.web.when_listening)
+        for service in (self.storage, self.web, self.sync):
+            service.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
-        with self._closing_store_on_failure():
-            super().privilegedStartService()
-
-    def startService(self) -> None:
-        with self._closing_store_on_failure():
-            super().startService()
-
-    @contextmanager
-    def _closing_store_on_failure(self) -> Iterator[None]:
-        # A start that fails must release the data dir and stop the store's
-        # writer thread, or the process would hang instead of exiting.
         try:
-            yield
+            super().privilegedStartService()
         except BaseException:
-            self.store.close()
+            self._abandon_start()
             raise
 
-    def stopService(self) -> Deferred[object]:
-        d = super().stopService()
-        d.addBoth(lambda result: (self.store.close(), result)[1])
-        return d
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except BaseException:
+            self._abandon_start()
+            raise
+        d = gatherResults([self.storage.when_ready(), self.sync.when_started()])
+        d.addCallback(lambda results: self._serve(*results))
+
+    def _abandon_start(self) -> None:
+        # A start that fails must release the data dir and stop the store's
+        # writer thread, or the process would hang instead of exiting.
+        self.storage.close_now()
+        if self.web.port is not None:
+            self.web.port.stopListening()
+
+    def _serve(self, node: Node, parts: Syncing) -> None:
+        api = CounterAPI(node, parts.members, parts.replication, parts.reads)
+        self.site.resource = api.resource()
+
+    # Shortcuts for tests and tools.
+    @property
+    def node(self) -> Node | None:
+        return self.storage.node
+
+    @property
+    def members(self) -> Members | None:
+        return self.sync.parts.members if self.sync.parts else None
+
+    @property
+    def replication(self) -> Replication | None:
+        return self.sync.parts.replication if self.sync.parts else None
 
 
-def _open_store(config: ServiceConfig) -> SqliteStore:
+def _open_store(config: ServiceConfig, reactor: Any) -> SqliteStore:
     try:
-        return SqliteStore(config.data_dir, global_reactor, config.store)
+        return SqliteStore(config.data_dir, reactor, config.store)
     except StoreError as e:
         # Refuse to start: never fall back to a store that forgets.
+        log.critical("cannot use the data directory: {error}", error=e)
         raise SystemExit(f"counterdb: cannot use the data directory: {e}") from None

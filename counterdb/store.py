@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import sqlite3
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -67,14 +66,21 @@ class Store(Protocol):
         """Durably record this node's own new partials (absolute values) and
         the idempotency keys they answer, in one transaction."""
 
-    def write_peers(self, counters: dict[str, Partials]) -> Deferred[None]:
-        """Record partials learnt from peers (never lower than before)."""
+    def write_peers(self, counters: dict[str, Partials]) -> None:
+        """Record partials learnt from peers (never lower than before), when
+        convenient: the store retries and logs its own failures, and a peer
+        row it cannot write never holds up this node's own commits."""
 
     def write_config(self, actors: list[str]) -> Deferred[None]:
         """Record the accepted actors list."""
 
+    def shutdown(self) -> Deferred[None]:
+        """Write what is pending and release files and threads, without
+        blocking the reactor."""
+
     def close(self) -> None:
-        """Release files and threads."""
+        """The same as :meth:`shutdown`, blocking: for start-up failures and
+        offline tools, when no reactor runs."""
 
 
 class MemoryStore:
@@ -95,14 +101,16 @@ class MemoryStore:
         self.keys.extend(keys)
         return succeed(None)
 
-    def write_peers(self, counters: dict[str, Partials]) -> Deferred[None]:
+    def write_peers(self, counters: dict[str, Partials]) -> None:
         for name, partials in counters.items():
             for replica, count in partials.items():
                 self._raise(name, replica, count)
-        return succeed(None)
 
     def write_config(self, actors: list[str]) -> Deferred[None]:
         self.actors = list(actors)
+        return succeed(None)
+
+    def shutdown(self) -> Deferred[None]:
         return succeed(None)
 
     def close(self) -> None:
@@ -238,7 +246,8 @@ class SqliteStore:
         db = self._db
         meta = dict(db.execute("SELECT key, value FROM meta"))
         actors = json.loads(meta["actors"]) if "actors" in meta else None
-        oldest = time.time() - self.settings.idempotency_window
+        # The node stamps keys with the reactor's clock: filter with the same one.
+        oldest = self.reactor.seconds() - self.settings.idempotency_window
         keys = [
             IdempotencyRecord(*row)
             for row in db.execute(
@@ -254,10 +263,12 @@ class SqliteStore:
     # -- writes ------------------------------------------------------------------
 
     def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
+        # Own rows commit alone: no peer row, whatever a peer sent, can
+        # make this node's own increments fail.
         own = [(name, self.replica_id, count) for name, count in partials.items()]
-        return self._commit_with_peer_backlog(own, keys)
+        return self._in_thread(self._commit, own, keys)
 
-    def write_peers(self, counters: dict[str, Partials]) -> Deferred[None]:
+    def write_peers(self, counters: dict[str, Partials]) -> None:
         backlog = self._peer_backlog
         for name, partials in counters.items():
             for replica, count in partials.items():
@@ -265,7 +276,6 @@ class SqliteStore:
                     backlog[(name, replica)] = count
         if self._flush_call is None and not self._closed:
             self._flush_call = self.reactor.callLater(self.settings.peer_flush_interval, self._flush_peers)
-        return succeed(None)
 
     def write_config(self, actors: list[str]) -> Deferred[None]:
         return self._in_thread(self._set_meta, "actors", json.dumps(actors))
@@ -275,29 +285,50 @@ class SqliteStore:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        return self._commit_with_peer_backlog([], ())
+        peers = self._take_peer_backlog()
+        if not peers:
+            return succeed(None)
+        d = self._in_thread(self._commit_peers, peers)
+        d.addErrback(self._restore_peer_backlog, peers)
+        return d
+
+    def shutdown(self) -> Deferred[None]:
+        """Write pending peer partials, mark the stop clean and checkpoint on
+        the writer thread; then stop it and release the data dir."""
+        if self._closed:
+            return succeed(None)
+        peers = self._begin_close()
+        d = deferToThreadPool(self.reactor, self._pool, self._last_writes, peers)
+        d.addErrback(lambda f: log.failure("could not finish the store's last writes", f))
+        d.addBoth(lambda _: self._release())
+        return d
 
     def close(self) -> None:
         """Write what is pending, stop the writer thread, release the lock."""
         if self._closed:
             return
+        peers = self._begin_close()
+        self._pool.stop()  # runs what was queued, then joins the thread
+        try:
+            self._last_writes(peers)
+        except Exception:
+            log.failure("could not finish the store's last writes")
+        finally:
+            self._release()
+
+    def _begin_close(self) -> list[tuple[str, str, int]]:
         self._closed = True
         if self._checkpoints is not None and self._checkpoints.running:
             self._checkpoints.stop()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
-        peers = self._take_peer_backlog()
-        self._pool.stop()  # runs what was queued, then joins the thread
-        try:
-            if peers:
-                self._commit(peers, [])
-            self._set_meta("clean_shutdown", "1")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as e:
-            log.error("could not write peer partials at shutdown: {error}", error=e)
-        finally:
-            self._db.close()
-            self._lock.close()
+        return self._take_peer_backlog()
+
+    def _release(self) -> None:
+        if not self._pool.joined:
+            self._pool.stop()  # idle by now: returns at once
+        self._db.close()
+        self._lock.close()
 
     # -- on the writer thread --------------------------------------------------------
 
@@ -314,6 +345,37 @@ class SqliteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    def _commit_peers(self, rows: list[tuple[str, str, int]]) -> None:
+        """Commit peer rows; a row the database refuses for what it is (not
+        for a full or failing disk) is logged and dropped, never retried
+        forever, and the other rows are still written."""
+        try:
+            self._commit(rows, ())
+        except sqlite3.OperationalError:
+            raise  # the disk, not the data: the caller keeps them for later
+        except Exception:
+            self._commit_rows_one_by_one(rows)
+
+    def _commit_rows_one_by_one(self, rows: list[tuple[str, str, int]]) -> None:
+        for row in rows:
+            try:
+                self._commit([row], ())
+            except sqlite3.OperationalError:
+                raise
+            except Exception as e:
+                log.error("dropped a peer partial the store cannot hold ({row!r}): {error}", row=row[:2], error=e)
+
+    def _last_writes(self, peers: list[tuple[str, str, int]]) -> None:
+        # Each step on its own: the clean-stop marker must be written even
+        # if the peer rows cannot be.
+        try:
+            if peers:
+                self._commit_peers(peers)
+        except Exception:
+            log.failure("could not write peer partials at shutdown; peers will send them again")
+        self._set_meta("clean_shutdown", "1")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _prune_keys(self, now: float) -> None:
         if now - self._last_prune < 60:
@@ -349,28 +411,16 @@ class SqliteStore:
 
     def _flush_peers(self) -> None:
         self._flush_call = None
-        self.flush().addErrback(lambda f: log.failure("could not store peer partials; will retry", f))
-
-    def _commit_with_peer_backlog(
-        self, own: list[tuple[str, str, int]], keys: Sequence[IdempotencyRecord]
-    ) -> Deferred[None]:
-        """Commit ``own`` rows and ``keys`` together with the peer partials
-        waiting in memory; if the commit fails, those wait for the next one."""
-        peers = self._take_peer_backlog()
-        if not own and not keys and not peers:
-            return succeed(None)
-        d = self._in_thread(self._commit, own + peers, keys)
-        d.addErrback(self._restore_peer_backlog, peers)
-        return d
+        self.flush()
 
     def _take_peer_backlog(self) -> list[tuple[str, str, int]]:
         backlog, self._peer_backlog = self._peer_backlog, {}
         return [(name, replica, count) for (name, replica), count in backlog.items()]
 
-    def _restore_peer_backlog(self, failure: Any, peers: list[tuple[str, str, int]]) -> Any:
-        if peers:
+    def _restore_peer_backlog(self, failure: Any, peers: list[tuple[str, str, int]]) -> None:
+        log.failure("could not store {n} peer partials; will retry", failure, n=len(peers))
+        if not self._closed:
             self.write_peers({name: {replica: count} for name, replica, count in peers})
-        return failure
 
 
 def _lock_data_dir(path: Path) -> Any:

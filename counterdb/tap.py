@@ -8,14 +8,16 @@ The twistd command line: ``twistd counterdb --port 8080 ...``.
 from __future__ import annotations
 
 
-from twisted.internet import reactor
+from typing import Any
+
+from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from counterdb.actors import ConfigError, parse_actor, parse_actors
 from counterdb.service import CounterDBService, ServiceConfig
 from counterdb.store import DURABILITY, StoreSettings
-from counterdb.sync import SyncSettings
+from counterdb.replication import SyncSettings
 
 _DEFAULTS = SyncSettings()
 
@@ -74,7 +76,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         self["endpoint"] = self._endpoint_description()
         try:
-            serverFromString(reactor, self["endpoint"])
+            serverFromString(global_reactor, self["endpoint"])
         except IndexError:  # systemd: no socket with that index was passed to us
             raise usage.UsageError(f"--port {self['port']!r}: systemd passed no such socket (LISTEN_FDS)")
         except (ValueError, TypeError, KeyError) as e:
@@ -106,7 +108,10 @@ class Options(usage.Options):
         return port
 
 
-def makeService(options: Options) -> CounterDBService:
+def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBService:
+    """The node's service tree. Nothing is opened here: twistd calls this
+    before it forks into the background and drops privileges, so every
+    file, lock and thread is opened by the services' ``startService``."""
     settings = SyncSettings(
         poll_interval=options["poll-interval"],
         push_retries=options["push-retries"],
@@ -122,4 +127,4 @@ def makeService(options: Options) -> CounterDBService:
         sync=settings,
         store=StoreSettings(durability=options["durability"]),
     )
-    return CounterDBService(config)
+    return CounterDBService(config, reactor)

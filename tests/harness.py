@@ -20,9 +20,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from counterdb.api import CounterAPI
+from counterdb.consistent import ConsistentReads
+from counterdb.membership import Identity, Members
 from counterdb.node import Node
+from counterdb.replication import Replication, SyncSettings
 from counterdb.store import MemoryStore, Store
-from counterdb.sync import Cluster, Identity, SyncSettings
 
 PORT = 8080
 FAST = SyncSettings(poll_interval=1.0, push_retries=3, backoff_initial=0.1, backoff_max=1.0, peer_timeout=2.0)
@@ -70,7 +72,9 @@ class Router(Resource):
 class SimNode:
     host: str
     node: Node
-    cluster: Cluster
+    members: Members
+    replication: Replication
+    reads: ConsistentReads
     api: CounterAPI
     store: Store
 
@@ -86,28 +90,23 @@ class FakeNet:
     def add(self, host: str, store: Store | None = None, start: bool = True) -> SimNode:
         store = store or MemoryStore()
         node = Node(store, self.clock)
-        cluster = Cluster(
-            node,
-            self.http,
-            self.clock,
-            Identity(listen_port=PORT, interface=host),
-            self.settings,
-            resolve=lambda h: {h},
-            is_local=lambda ip: False,
-        )
-        api = CounterAPI(node, cluster)
+        members = Members(node, Identity(listen_port=PORT, interface=host), resolve=lambda h: {h})
+        replication = Replication(node, self.http, self.clock, self.settings)
+        members.on_change(lambda membership: replication.follow(membership, PORT))
+        reads = ConsistentReads(node, replication, self.clock)
+        api = CounterAPI(node, members, replication, reads)
         self.router.hosts[host] = api.resource()
         self.router.state[host] = "up"
         if start:
-            cluster.start()
-        test_node = SimNode(host, node, cluster, api, store)
+            replication.start()
+        test_node = SimNode(host, node, members, replication, reads, api, store)
         self.nodes[host] = test_node
         return test_node
 
     def cluster_of(self, *hosts: str) -> list[SimNode]:
         nodes = [self.add(h) for h in hosts]
         for n in nodes:
-            self.result(n.cluster.configure(list(hosts)))
+            self.result(n.members.configure(list(hosts)))
         self.settle()
         return nodes
 

@@ -182,7 +182,7 @@ def test_getsync_returns_partials_by_replica_id(solo: FakeNet) -> None:
     code, content = solo.request("GET", HOST, "/counter/c/getsync")
     replica = solo.nodes[HOST].node.replica_id
     assert code == 200
-    assert json.loads(content) == {"name": "c", "partials": {replica: 3}}
+    assert json.loads(content) == {"name": "c", "replica": replica, "partials": {replica: 3}}
 
 
 def test_setsync_merges_element_wise_max(solo: FakeNet) -> None:
@@ -268,7 +268,7 @@ def test_sync_delta_bad_arguments_are_400(solo: FakeNet, query: str) -> None:
 
 def test_sync_push_merges_a_batch_atomically(solo: FakeNet) -> None:
     code, content = solo.request("POST", HOST, "/sync", {"counters": {"a": {"r1": 2}, "b": {"r2": 3}}})
-    assert code == 200 and json.loads(content) == {"merged": 2}
+    assert code == 200 and json.loads(content) == {"merged": 2, "replica": solo.nodes[HOST].node.replica_id}
     assert solo.value(HOST, "a") + solo.value(HOST, "b") == 5
     code, _ = solo.request("POST", HOST, "/sync", {"counters": {"c": {"r1": 2}, "d": {"r2": -3}}})
     assert code == 400

@@ -81,12 +81,23 @@ def test_a_failed_commit_counts_nothing_and_the_next_one_works() -> None:
     assert ok == [1] and node.value("c") == 1
 
 
-def test_overflow_is_refused_without_touching_the_batch() -> None:
+def test_only_this_nodes_own_partial_is_bounded_and_totals_grow_past_64_bits() -> None:
+    """A forged or legitimately huge partial elsewhere never freezes a
+    counter: each node checks only its own partial, locally."""
     node = Node(MemoryStore())
-    node.merge({"c": {"other": MAX_COUNT - 1}})
-    too_much = outcome(node.increment("c", 2))
+    node.merge({"c": {"other": MAX_COUNT}})
+    assert outcome(node.increment("c", 5)) == [MAX_COUNT + 5]
+    too_much = outcome(node.increment("c", MAX_COUNT))
     assert too_much[0].check(Overflow)  # type: ignore[attr-defined]
-    assert outcome(node.increment("c", 1)) == [MAX_COUNT]
+    assert outcome(node.increment("c", MAX_COUNT - 5)) == [2 * MAX_COUNT]
+    assert node.value("c") == 2 * MAX_COUNT
+
+
+def test_merges_never_raise_this_nodes_own_partial() -> None:
+    node = Node(MemoryStore())
+    outcome(node.increment("c", 2))
+    assert node.merge({"c": {node.replica_id: 10**12, "other": 3}}) == {"c": {"other": 3}}
+    assert node.partials("c") == {node.replica_id: 2, "other": 3}
 
 
 def test_store_failure_is_503_and_reads_keep_working() -> None:
@@ -198,7 +209,7 @@ def test_a_config_the_store_cannot_record_is_503_and_not_applied() -> None:
     code, content = net.request("POST", "127.0.0.2", "/config", {"actors": ["127.0.0.2", "127.0.0.3"]})
     assert code == 503
     assert "Read-only" in json.loads(content)["error"]
-    assert net.nodes["127.0.0.2"].cluster.membership is None
+    assert net.nodes["127.0.0.2"].members.current is None
 
 
 def test_increments_issued_from_acknowledgements_do_not_nest() -> None:

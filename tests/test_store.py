@@ -34,7 +34,7 @@ async def test_round_trip_of_everything_persisted(tmp_path: Path, opened: list[S
     store = open_store(opened, tmp_path / "data")
     replica = store.load().replica_id
     await store.write_own({"a": 3, "b": 1}, [IdempotencyRecord("k", "a", 3, 3, 1e10)])
-    await store.write_peers({"a": {"peer": 7}})
+    store.write_peers({"a": {"peer": 7}})
     await store.write_config(["10.0.0.1", "10.0.0.2"])
     store.close()
 
@@ -48,9 +48,9 @@ async def test_round_trip_of_everything_persisted(tmp_path: Path, opened: list[S
 @pytest_twisted.ensureDeferred
 async def test_stored_counts_never_go_backwards(tmp_path: Path, opened: list[SqliteStore]) -> None:
     store = open_store(opened, tmp_path)
-    await store.write_peers({"a": {"peer": 7}})
+    store.write_peers({"a": {"peer": 7}})
     await store.flush()
-    await store.write_peers({"a": {"peer": 5}})  # a late, older copy
+    store.write_peers({"a": {"peer": 5}})  # a late, older copy
     await store.flush()
     store.close()
     assert list(open_store(opened, tmp_path).load().entries) == [("a", "peer", 7)]

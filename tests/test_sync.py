@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import random
 
+import attrs
 import pytest
 from harness import FAST, FakeNet
 from twisted.internet.defer import CancelledError
+from twisted.web.pages import notFound
 
-from counterdb.sync import SyncSettings, backoff_delay
+from counterdb.replication import MAX_PUSH_BYTES, SyncSettings, backoff_delay
+from counterdb.wire import MAX_BODY_BYTES
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
@@ -161,7 +164,7 @@ def test_consistent_value_waits_for_a_hung_host_then_answers(net: FakeNet) -> No
     net.increment(C, "c", "4")
     net.router.state[C] = "hung"
     net.increment(A, "c", "1")
-    read = nodes[0].cluster.consistent_value("c", None)
+    read = nodes[0].reads.value("c", None)
     net.run(30)
     assert not net.fired(read)
     net.router.state[C] = "up"
@@ -188,7 +191,7 @@ def test_consistent_value_timeout_is_504_naming_missing_hosts(net: FakeNet) -> N
 def test_cancelled_consistent_read_stops_fetching(net: FakeNet) -> None:
     nodes = net.cluster_of(A, B, C)
     net.router.state[C] = "down"
-    read = nodes[0].cluster.consistent_value("c", None)
+    read = nodes[0].reads.value("c", None)
     net.run(3)
     read.cancel()
     failures: list[object] = []
@@ -231,7 +234,7 @@ def test_a_node_added_later_receives_existing_counters(net: FakeNet) -> None:
 def test_stopped_cluster_sends_nothing(net: FakeNet) -> None:
     nodes = net.cluster_of(A, B)
     for n in nodes:
-        n.cluster.stop()
+        n.replication.stop()
     seen = len(net.router.seen)
     net.run(10)
     assert len(net.router.seen) == seen
@@ -250,25 +253,46 @@ def test_a_large_backlog_is_fetched_in_pages() -> None:
     assert len(pages) >= 4
 
 
-def test_a_backlog_is_pushed_in_bounded_batches() -> None:
-    import attrs
-
-    net = FakeNet(attrs.evolve(FAST, push_batch=100, poll_interval=3600))
+def test_a_backlog_of_long_names_and_many_replicas_is_pushed_in_bodies_the_peer_accepts() -> None:
+    """Pushes are capped by bytes, not by a count of counters: 3,000
+    counters with 250-byte names and six replica ids each are well over the
+    peer's 1 MiB body limit in one request, and none may be refused."""
+    net = FakeNet(attrs.evolve(FAST, poll_interval=3600))
     nodes = net.cluster_of(A, B)
+    names = [f"{i:05d}".ljust(250, "x") for i in range(3000)]
+    others = {f"{'r' * 30}{j:02d}": 10**15 for j in range(5)}
+    nodes[0].node.merge({name: dict(others) for name in names})
     net.router.state[B] = "hung"
-    for i in range(250):
-        nodes[0].node.increment(f"c{i}", 1)
+    for name in names:
+        nodes[0].node.increment(name, 1)
     net.settle()
     net.router.state[B] = "up"
     net.run(FAST.peer_timeout + FAST.backoff_max + 1)
-    pushes = [r for r in net.router.seen if r[1] == B and r[2] == "POST"]
-    assert len(pushes) >= 3
-    assert sum(net.value(B, f"c{i}") for i in range(250)) == 250
+    stats = nodes[0].replication.links[f"http://{B}:8080"].stats
+    assert stats.refused == 0
+    assert stats.pushes >= 3 and stats.push_bytes > MAX_BODY_BYTES
+    assert stats.push_bytes / stats.pushes <= MAX_PUSH_BYTES
+    assert all(net.value(B, name) == 5 * 10**15 + 1 for name in names[::100])
+
+
+def test_a_push_the_peer_refuses_is_not_retried_as_if_the_peer_were_down(net: FakeNet) -> None:
+    nodes = net.cluster_of(A, B)
+    link = nodes[0].replication.links[f"http://{B}:8080"]
+    refusing = notFound()  # answers 404 to everything: up, but refusing
+    net.router.hosts[B], real = refusing, net.router.hosts[B]
+    net.increment(A, "c")
+    net.run(FAST.backoff_max * 4)
+    posts = net.requests_to(B, "POST", "/sync")
+    assert len(posts) == 1, "a 4xx answer is final for that push"
+    assert link.reachable is True and link.stats.refused >= 1
+    net.router.hosts[B] = real
+    net.run(FAST.poll_interval * 2)
+    assert net.value(B, "c") == 1, "polling still carries the change"
 
 
 def test_rewording_an_entry_keeps_the_link_and_shows_the_new_text(net: FakeNet) -> None:
     net.cluster_of(A, B)
-    link = net.nodes[A].cluster.links[f"http://{B}:8080"]
+    link = net.nodes[A].replication.links[f"http://{B}:8080"]
     net.request("POST", A, "/config", {"actors": [A, f"{B}:8080"]})
-    assert net.nodes[A].cluster.links[f"http://{B}:8080"] is link
-    assert link.actor.entry == f"{B}:8080"
+    assert net.nodes[A].replication.links[f"http://{B}:8080"] is link
+    assert link.entry == f"{B}:8080"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 
@@ -9,8 +11,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.application.service import IServiceCollection
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError
 from twisted.python.usage import UsageError
 
 from counterdb.service import CounterDBService
@@ -80,38 +81,43 @@ def test_actors_and_advertise_are_parsed() -> None:
     assert options["advertise"].port == 9000
 
 
-def test_make_service_is_a_multiservice_of_listener_and_sync(tmp_path: Path) -> None:
-    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5", "--data-dir", str(tmp_path)))
-    try:
-        assert isinstance(service, CounterDBService)
-        assert len(list(IServiceCollection(service))) == 2
-        assert service.cluster.settings.poll_interval == 0.5
-    finally:
-        service.store.close()
+def test_make_service_opens_nothing_until_started(tmp_path: Path) -> None:
+    """twistd calls makeService before it forks and drops privileges: the
+    data dir, its lock and the writer thread must wait for startService."""
+    data = tmp_path / "data"
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5", "--data-dir", str(data)))
+    assert isinstance(service, CounterDBService)
+    assert [type(s).__name__ for s in IServiceCollection(service)] == ["StoreService", "ListeningService", "SyncService"]
+    assert service.config.sync.poll_interval == 0.5
+    assert not data.exists()
+    assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
 
 
 def test_an_unusable_data_dir_stops_the_start_with_the_reason(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path / "file" / "data")))
+    service.privilegedStartService()
     with pytest.raises(SystemExit, match="cannot create the data directory"):
-        makeService(parse("--data-dir", str(tmp_path / "file" / "data")))
+        service.startService()
+    assert service.web.port.disconnecting  # the port is released too
+
+
+async def started(*args: str) -> CounterDBService:
+    service = makeService(parse(*args))
+    service.privilegedStartService()
+    service.startService()
+    return service
 
 
 @pytest_twisted.ensureDeferred
 async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path) -> None:
-    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9", "--data-dir", str(tmp_path)))
-    service.privilegedStartService()
-    service.startService()
+    service = await started("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9", "--data-dir", str(tmp_path))
     try:
         port = service.web.port.getHost().port
         base = f"http://127.0.0.9:{port}"
-        # --actors found itself on the bound address; the config is applied
-        # once the store has recorded it.
-        for _ in range(200):
-            if service.cluster.membership is not None:
-                break
-            await deferLater(reactor, 0.01)
-        assert service.cluster.membership is not None
-        assert service.cluster.membership.self_index == 0
+        # --actors found itself on the bound address, before serving.
+        assert service.members.current is not None
+        assert service.members.current.self_index == 0
         response = await treq.post(f"{base}/counter/c", data=b"4")
         assert (response.code, await response.text()) == (200, "4")
         response = await treq.get(f"{base}/counter/c/consistent_value")
@@ -119,33 +125,56 @@ async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path)
     finally:
         await service.stopService()
     assert service.web.port is None
+    lock = (tmp_path / "counterdb.lock")
+    assert lock.read_text().strip() == str(os.getpid())
+    assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_waits_for_queued_increments_and_cancels_peer_requests(tmp_path: Path) -> None:
+    """stopService answers every increment already accepted, cancels a
+    consistent read waiting on an unreachable peer, and only then releases
+    the data dir, without blocking the reactor."""
+    service = await started(
+        "--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9,127.0.0.10", "--data-dir", str(tmp_path)
+    )
+    base = f"http://127.0.0.9:{service.web.port.getHost().port}"
+    increments = [service.node.increment("c", 1) for _ in range(50)]
+    read = service.sync.parts.reads.value("c", None)  # 127.0.0.10 never answers
+    await service.stopService()
+    assert [(await d).value for d in increments][-1] == 50
+    with pytest.raises(CancelledError):
+        await read
+    assert not service.sync.parts.replication.links["http://127.0.0.10:" + base.rsplit(":", 1)[1]]._pushing
+    assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
+    restarted = await started("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path))
+    try:
+        assert restarted.node.value("c") == 50
+    finally:
+        await restarted.stopService()
 
 
 def test_startup_actors_that_do_not_contain_this_node_stop_the_start(tmp_path: Path) -> None:
     service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.10,127.0.0.11", "--data-dir", str(tmp_path)))
     service.privilegedStartService()
-    try:
-        with pytest.raises(SystemExit, match="not in the actors list"):
-            service.startService()
-    finally:
-        service.web.stopService()
-        service.store.close()
+    with pytest.raises(SystemExit, match="not in the actors list"):
+        service.startService()
+    # The failed start released the data dir: another node may take it.
+    service2 = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path)))
+    service2.storage.startService()
+    service2.storage.close_now()
 
 
 def test_a_port_in_use_stops_the_start_with_the_reason(tmp_path: Path) -> None:
     first = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path / "1")))
     first.privilegedStartService()
-    second = None
     try:
         taken = first.web.port.getHost().port
         second = makeService(parse("--port", f"tcp:{taken}:interface=127.0.0.9", "--data-dir", str(tmp_path / "2")))
         with pytest.raises(SystemExit, match="cannot listen"):
             second.privilegedStartService()
     finally:
-        first.web.stopService()
-        first.store.close()
-        if second is not None:
-            second.store.close()
+        first.web.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -154,20 +183,16 @@ async def test_a_restarted_node_is_configured_before_it_serves(tmp_path: Path) -
     not once it has been written back: a restarted node must never answer as
     a one-node cluster (its consistent reads would leave out its peers)."""
     args = ["--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path)]
-    first = makeService(parse(*args, "--actors", "127.0.0.9,127.0.0.10"))
-    first.privilegedStartService()
-    first.startService()
+    first = await started(*args, "--actors", "127.0.0.9,127.0.0.10")
     try:
-        assert first.cluster.membership is not None  # --actors: in force at once too
+        assert first.members.current is not None  # --actors: in force at once too
     finally:
         await first.stopService()  # closing the store finishes the queued write of the list
 
-    restarted = makeService(parse(*args))  # no --actors: the stored list
-    restarted.privilegedStartService()
-    restarted.startService()
+    restarted = await started(*args)  # no --actors: the stored list
     try:
-        membership = restarted.cluster.membership
+        membership = restarted.members.current
         assert membership is not None and [a.entry for a in membership.actors] == ["127.0.0.9", "127.0.0.10"]
-        assert list(restarted.cluster.links) == [f"http://127.0.0.10:{restarted.web.port.getHost().port}"]
+        assert list(restarted.replication.links) == [f"http://127.0.0.10:{restarted.web.port.getHost().port}"]
     finally:
         await restarted.stopService()

@@ -1,0 +1,180 @@
+"""
+The HTTP calls one node makes to one peer: bounded in time, bounded in
+size, and cancellable end to end.
+
+Every request names the calling replica (``Counterdb-Replica``) so that the
+peer can refuse a replica id that answers from two places; every answer is
+read with a size cap and decoded with the same hostile-input rules as the
+node's own API.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import treq
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+
+from counterdb.wire import MAX_BODY_BYTES, REPLICA_HEADER, BadJSON, decode_json
+
+#: How much of a refusal's body goes into the error message.
+_REASON_CHARS = 200
+
+
+class HTTPClient(Protocol):
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+
+class PeerUnreachable(Exception):
+    """No answer: the connection failed, broke or timed out."""
+
+
+class PeerRefused(Exception):
+    """The peer answered with a 4xx: it is up, but will not take or give
+    this data. Retrying the same request would not help."""
+
+    def __init__(self, url: str, code: int, reason: str) -> None:
+        super().__init__(f"{url} answered {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class PeerError(Exception):
+    """The peer answered, but not as the protocol promises (a 5xx, a body
+    that is too large or not the JSON expected)."""
+
+
+class PeerClient:
+    """Requests to one peer, each with a timeout and a cap on the answer."""
+
+    def __init__(
+        self,
+        http: HTTPClient,
+        base_url: str,
+        clock: IReactorTime,
+        timeout: float,
+        page_size: int,
+        replica_id: str,
+    ) -> None:
+        self.http = http
+        self.base_url = base_url
+        self.clock = clock
+        self.timeout = timeout
+        self.page_size = page_size
+        self._headers = {REPLICA_HEADER: [replica_id]}
+
+    def get_changes(self, since: int, epoch: str | None) -> Deferred[Any]:
+        params = {"since": str(since), "epoch": epoch or "", "limit": str(self.page_size)}
+        return self._call(self.http.get(f"{self.base_url}/sync", params=params, headers=self._headers))
+
+    def push(self, body: bytes) -> Deferred[Any]:
+        """POST /sync with a body already encoded (and size-checked) by the caller."""
+        headers = {**self._headers, "Content-Type": ["application/json"]}
+        return self._call(self.http.post(f"{self.base_url}/sync", data=body, headers=headers))
+
+    def get_counter(self, name: str) -> Deferred[Any]:
+        url = f"{self.base_url}/counter/{quote(name, safe='')}/getsync"
+        return self._call(self.http.get(url, headers=self._headers))
+
+    def _call(self, request: Deferred[Any]) -> Deferred[Any]:
+        answer = cancellable(request.addCallback(self._json_body))
+        answer.addTimeout(self.timeout, self.clock)
+        answer.addErrback(self._classify)
+        return answer
+
+    def _json_body(self, response: Any) -> Deferred[Any]:
+        body = bytearray()
+        d = treq.collect(response, _Capped(MAX_BODY_BYTES, self.base_url, body).write)
+        d.addCallback(lambda _: self._decode(response.code, bytes(body)))
+        return d
+
+    def _decode(self, code: int, body: bytes) -> Any:
+        if 400 <= code < 500:
+            raise PeerRefused(self.base_url, code, _reason(body))
+        if code != 200:
+            raise PeerError(f"{self.base_url} answered {code}: {_reason(body)}")
+        try:
+            return decode_json(body)
+        except BadJSON as e:
+            raise PeerError(f"{self.base_url} answered with a body that is not usable JSON: {e}") from None
+
+    def _classify(self, failure: Failure) -> Failure:
+        if failure.check(CancelledError, PeerRefused, PeerError):
+            return failure
+        return Failure(PeerUnreachable(f"{self.base_url}: {describe_failure(failure)}"))
+
+
+class _Capped:
+    """A body sink that refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, limit: int, url: str, into: bytearray | None = None) -> None:
+        self.limit = limit
+        self.url = url
+        self.body = into if into is not None else bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+        if len(self.body) > self.limit:
+            raise PeerError(f"{self.url} answered with more than {self.limit} bytes")
+
+
+def describe_failure(failure: Failure | BaseException) -> str:
+    """One readable reason for a failed peer request, whatever wraps it
+    (treq and the Agent report a list of Failures for one broken request)."""
+    error = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(error, (ResponseNeverReceived, ResponseFailed)) and error.reasons:
+        return describe_failure(error.reasons[0])
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    if isinstance(error, (ConnectingCancelledError, CancelledError)):
+        return "no connection in time"
+    if isinstance(error, DNSLookupError):
+        return "the host name does not resolve"
+    if isinstance(error, ConnectError):
+        return (error.osError and str(error.osError)) or error.__class__.__name__
+    text = str(error) or error.__class__.__name__
+    return text.splitlines()[0][:_REASON_CHARS]
+
+
+def cancellable(inner: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred that mirrors ``inner`` but fails with ``CancelledError``
+    when cancelled. A cancelled treq request fails with
+    ``ResponseNeverReceived`` instead, which retry loops would mistake for
+    an unreachable peer and retry, outliving the caller that gave up."""
+    cancelled = False
+
+    def cancel(_: Deferred[Any]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        inner.cancel()
+
+    outer: Deferred[Any] = Deferred(cancel)
+
+    def forward(result: Any) -> None:
+        if cancelled:
+            return  # outer already failed with CancelledError
+        if isinstance(result, Failure):
+            outer.errback(result)
+        else:
+            outer.callback(result)
+
+    inner.addBoth(forward)
+    return outer
+
+
+def _reason(body: bytes) -> str:
+    """The ``error`` of a JSON refusal, else the start of the body."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        error = None
+    text = error if isinstance(error, str) else body[:_REASON_CHARS].decode("utf-8", "replace")
+    return text[:_REASON_CHARS]

@@ -1,0 +1,394 @@
+"""
+Replication: pushing this node's changes to its peers and polling theirs.
+
+Each peer gets one :class:`PeerLink`. After a local increment the counter is
+marked dirty for every link; a link keeps at most one push in flight and
+sends whatever became dirty meanwhile in the next one, so a burst of
+increments costs a handful of requests. A push that gets no answer is
+retried with exponential backoff and jitter up to a limit; after that the
+peer is left to polling until a poll reaches it again. A peer that answers
+with a 4xx is up but refuses that data: it is not retried. Independently,
+every link polls its peer for the entries that changed since the last poll
+(``GET /sync``), so an update that reached any live host spreads to all.
+
+Every answer is checked before anything is merged. A peer that answers
+with this node's own replica id, or with the replica id another peer
+already answers with, is refused loudly: two places writing one replica id
+(a copied data dir) would make the max-merge drop increments silently.
+
+Everything waits on an injected clock and talks through an injected
+treq-like client, so the module runs under ``task.Clock`` and ``StubTreq``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from counterdb.crdt import InvalidState, is_replica_id, validate_counters
+from counterdb.membership import Membership
+from counterdb.node import Node
+from counterdb.peer_client import HTTPClient, PeerClient, PeerRefused
+from counterdb.wire import MAX_BODY_BYTES, encode_json
+
+log = Logger()
+
+#: Largest push body: half of what a peer accepts, whatever the names and
+#: the number of replica ids of the counters in it.
+MAX_PUSH_BYTES = MAX_BODY_BYTES // 2
+
+#: Pages of changes one poll reads at most before the next poll round.
+MAX_PAGES_PER_POLL = 10
+
+
+@attrs.frozen
+class SyncSettings:
+    poll_interval: float = 1.0
+    push_retries: int = 8
+    backoff_initial: float = 0.05
+    backoff_max: float = 5.0
+    peer_timeout: float = 5.0
+    poll_batch: int = 10_000  # counters per GET /sync answer
+
+
+@attrs.define
+class LinkStats:
+    """Running totals per peer (``GET /status``, benchmarks)."""
+
+    pushes: int = 0  # push requests answered 200
+    push_bytes: int = 0  # bytes of those request bodies
+    pushed_counters: int = 0
+    push_failures: int = 0  # pushes that got no answer
+    refused: int = 0  # requests the peer answered with a 4xx
+    polls: int = 0  # poll pages answered
+    poll_failures: int = 0
+
+
+class ReplicaConflict(Exception):
+    """A replica id answers from two places."""
+
+
+def backoff_delay(attempt: int, settings: SyncSettings, rng: random.Random) -> float:
+    """Delay before retry number ``attempt`` (0-based): exponential, capped,
+    with "equal jitter" (between half and all of the step) so that nodes
+    retrying after the same outage do not retry in lockstep."""
+    step = min(settings.backoff_max, settings.backoff_initial * 2**attempt)
+    return step / 2 + rng.uniform(0, step / 2)
+
+
+class PeerLink:
+    """Push and poll towards one peer, and what this node knows of it."""
+
+    def __init__(
+        self,
+        node: Node,
+        entry: str,
+        client: PeerClient,
+        clock: IReactorTime,
+        settings: SyncSettings,
+        rng: random.Random,
+        claim_replica: Callable[[PeerLink, str], None],
+    ) -> None:
+        self.node = node
+        self.entry = entry  # the peer as written in the actors list
+        self.client = client
+        self.clock = clock
+        self.settings = settings
+        self.rng = rng
+        self.dirty: set[str] = set()
+        self.reachable: bool | None = None  # unknown until the first exchange
+        self.replica: str | None = None  # the peer's replica id, once it answered
+        self.conflict: str | None = None  # why this peer's data is refused
+        self.stats = LinkStats()
+        self._claim_replica = claim_replica
+        self._push_soon: IDelayedCall | None = None
+        self._pushing: Deferred[None] | None = None
+        self._given_up = False
+        self._since = 0
+        self._epoch: str | None = None
+        self._poller = LoopingCall(self.poll_once)
+        self._poller.clock = clock
+        self._polling: Deferred[Any] | None = None
+        self._poll_in_flight: Deferred[None] | None = None
+        self._stopped = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._polling = self._poller.start(self.settings.poll_interval, now=True)
+        self._polling.addErrback(lambda f: log.failure("poller for {peer} stopped", f, peer=self.entry))
+
+    def stop(self) -> Deferred[Any]:
+        """Cancel the poll, the push and its retries; fires when they are gone."""
+        self._stopped = True
+        if self._poller.running:
+            self._poller.stop()
+        if self._poll_in_flight is not None:
+            self._poll_in_flight.cancel()
+        if self._push_soon is not None:
+            self._push_soon.cancel()
+            self._push_soon = None
+        if self._pushing is not None:
+            self._pushing.cancel()
+        return DeferredList([d for d in (self._polling, self._pushing) if d is not None and not d.called])
+
+    # -- push ----------------------------------------------------------------
+
+    def mark_dirty(self, names: set[str]) -> None:
+        self.dirty |= names
+        if self._stopped or self._given_up or not self.dirty:
+            return
+        if self._push_soon is None and self._pushing is None:
+            # Wait for the end of this reactor turn: everything marked dirty
+            # in the same turn (a burst of requests) goes in one push.
+            self._push_soon = self.clock.callLater(0, self._start_pushing)
+
+    def _start_pushing(self) -> None:
+        self._push_soon = None
+        pushing = Deferred.fromCoroutine(self._push_until_clean())
+        pushing.addErrback(lambda f: f.trap(CancelledError))
+        # A push that finished synchronously has already cleared the slot.
+        self._pushing = None if pushing.called else pushing
+
+    async def _push_until_clean(self) -> None:
+        attempt = 0
+        try:
+            while self.dirty and self.conflict is None:
+                batch, body = self._take_push_batch()
+                try:
+                    answer = await self.client.push(body)
+                    self.check_replica(answer.get("replica") if isinstance(answer, dict) else None)
+                except CancelledError:
+                    self.dirty |= batch
+                    raise
+                except ReplicaConflict:
+                    self.dirty |= batch
+                    return
+                except PeerRefused as e:
+                    self.note_refused("a push", len(batch), e)
+                except Exception as e:
+                    self.dirty |= batch
+                    self.stats.push_failures += 1
+                    self.note_unreachable(str(e))
+                    if attempt >= self.settings.push_retries:
+                        log.warn(
+                            "giving up pushing to {peer} after {n} retries; polling will catch up",
+                            peer=self.entry,
+                            n=attempt,
+                        )
+                        self._given_up = True
+                        return
+                    await deferLater(self.clock, backoff_delay(attempt, self.settings, self.rng))
+                    attempt += 1
+                else:
+                    attempt = 0
+                    self.stats.pushes += 1
+                    self.stats.push_bytes += len(body)
+                    self.stats.pushed_counters += len(batch)
+                    self.note_reachable()
+        finally:
+            self._pushing = None
+
+    def _take_push_batch(self) -> tuple[set[str], bytes]:
+        """Dirty counters whose encoded push stays under :data:`MAX_PUSH_BYTES`
+        (at least one), and that body. Capped by bytes, not by count: long
+        names and many replica ids must not make a push the peer refuses."""
+        parts: list[bytes] = []
+        batch: set[str] = set()
+        size = len(b'{"counters":{}}')
+        for name in self.dirty:
+            part = encode_json(name) + b":" + encode_json(self.node.partials(name))
+            if parts and size + len(part) + 1 > MAX_PUSH_BYTES:
+                break
+            parts.append(part)
+            batch.add(name)
+            size += len(part) + 1
+        self.dirty -= batch
+        return batch, b'{"counters":{' + b",".join(parts) + b"}}"
+
+    def note_refused(self, what: str, count: int, error: PeerRefused) -> None:
+        """The peer is up but will not take (or give) this data: retrying
+        the same request cannot help. Polling carries what it needs."""
+        self.stats.refused += 1
+        self.note_reachable()
+        if error.code == 409:  # the peer saw our replica id answer from two places
+            self.mark_conflict(f"it refuses this node: {error.reason}")
+            return
+        log.error(
+            "peer {peer} refused {what} of {count} counters: {code} {reason}",
+            peer=self.entry,
+            what=what,
+            count=count,
+            code=error.code,
+            reason=error.reason,
+        )
+
+    # -- poll ----------------------------------------------------------------
+
+    def poll_once(self) -> Deferred[None]:
+        """Fetch what changed on the peer since the last poll (never fails)."""
+        d = Deferred.fromCoroutine(self._poll())
+        d.addErrback(lambda f: f.trap(CancelledError))
+        self._poll_in_flight = d
+        return d
+
+    async def _poll(self) -> None:
+        # Bounded: a peer with more changes than fit one answer is drained
+        # over a few rounds instead of in one unbounded loop.
+        for _ in range(MAX_PAGES_PER_POLL):
+            try:
+                answer = await self.client.get_changes(self._since, self._epoch)
+                counters, version, epoch, more = self._read_changes(answer)
+            except CancelledError:
+                raise
+            except PeerRefused as e:
+                self.note_refused("a poll", 0, e)
+                return
+            except Exception as e:
+                self.stats.poll_failures += 1
+                self.note_unreachable(str(e))
+                return
+            self.stats.polls += 1
+            self.node.merge(counters)
+            self._since, self._epoch = version, epoch
+            self.note_reachable()
+            if not more:
+                return
+
+    def _read_changes(self, answer: Any) -> tuple[dict[str, Any], int, str, bool]:
+        """Check a ``GET /sync`` answer before any of it is merged."""
+        if not isinstance(answer, dict):
+            raise InvalidState("the answer is not a JSON object")
+        self.check_replica(answer.get("replica"))
+        counters = validate_counters(answer.get("counters"))
+        version, epoch, more = answer.get("version"), answer.get("epoch"), answer.get("more", False)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidState("version must be a non-negative integer")
+        if not isinstance(epoch, str) or not isinstance(more, bool):
+            raise InvalidState("epoch must be a string and more a boolean")
+        return counters, version, epoch, more
+
+    def check_replica(self, replica: Any) -> None:
+        """Refuse an answer from a replica id that is ours or another peer's."""
+        if not is_replica_id(replica):
+            raise InvalidState("the answer does not name a valid replica id")
+        if replica != self.replica:
+            self.replica = replica
+            self._claim_replica(self, replica)
+        if self.conflict is not None:
+            raise ReplicaConflict(self.conflict)
+
+    # -- what this node knows of the peer --------------------------------------
+
+    def mark_conflict(self, reason: str | None) -> None:
+        if reason is not None and self.conflict != reason:
+            log.error("refusing data from peer {peer}: {reason}", peer=self.entry, reason=reason)
+        elif reason is None and self.conflict is not None:
+            log.info("peer {peer} no longer conflicts; accepting its data again", peer=self.entry)
+        self.conflict = reason
+
+    def note_reachable(self) -> None:
+        if self.reachable is not True:
+            log.info("peer {peer} is reachable", peer=self.entry)
+        self.reachable = True
+        if self._given_up:
+            self._given_up = False
+            if self.dirty:
+                self.mark_dirty(set())
+
+    def note_unreachable(self, reason: str) -> None:
+        """One log line per transition, with the reason, not one per retry."""
+        if self.reachable is not False:
+            log.warn("peer {peer} is unreachable: {reason}", peer=self.entry, reason=reason)
+        self.reachable = False
+
+
+class Replication:
+    """One :class:`PeerLink` per peer of the current membership."""
+
+    def __init__(
+        self,
+        node: Node,
+        http: HTTPClient,
+        clock: IReactorTime,
+        settings: SyncSettings = SyncSettings(),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node = node
+        self.http = http
+        self.clock = clock
+        self.settings = settings
+        self.rng = rng or random.Random()
+        self.links: dict[str, PeerLink] = {}  # keyed by peer base URL
+        self._running = False
+        node.on_local_change(self._local_change)
+
+    def start(self) -> None:
+        self._running = True
+        for link in self.links.values():
+            link.start()
+
+    def stop(self) -> Deferred[Any]:
+        self._running = False
+        stopping = [link.stop() for link in self.links.values()]
+        return DeferredList(stopping) if stopping else succeed(None)
+
+    def follow(self, membership: Membership, listen_port: int) -> None:
+        """Have exactly one link per peer of ``membership``."""
+        wanted = membership.peers(listen_port)
+        for url in list(self.links):
+            if url not in wanted:
+                self.links.pop(url).stop()
+        for url, actor in wanted.items():
+            if url in self.links:
+                self.links[url].entry = actor.entry  # same peer, maybe written differently
+            else:
+                self.links[url] = self._new_link(actor.entry, url)
+        self._recheck_replicas()
+
+    def _new_link(self, entry: str, url: str) -> PeerLink:
+        s = self.settings
+        client = PeerClient(self.http, url, self.clock, s.peer_timeout, s.poll_batch, self.node.replica_id)
+        link = PeerLink(self.node, entry, client, self.clock, s, self.rng, self._claim_replica)
+        if self._running:
+            link.start()
+        # No push of everything we hold: the new peer's first poll of us
+        # fetches it in pages, which a push of a large table could not be.
+        return link
+
+    def _local_change(self, names: set[str]) -> None:
+        for link in self.links.values():
+            link.mark_dirty(names)
+
+    def _claim_replica(self, link: PeerLink, replica: str) -> None:
+        self._recheck_replicas()
+
+    def _recheck_replicas(self) -> None:
+        """Mark every link whose replica id is ours or another link's."""
+        by_replica: dict[str, list[PeerLink]] = {}
+        for link in self.links.values():
+            if link.replica is not None:
+                by_replica.setdefault(link.replica, []).append(link)
+        for replica, links in by_replica.items():
+            for link in links:
+                link.mark_conflict(self._conflict_reason(replica, links))
+
+    def _conflict_reason(self, replica: str, links: list[PeerLink]) -> str | None:
+        if replica == self.node.replica_id:
+            return (
+                f"it answers with this node's own replica id {replica}: one of the two was started "
+                "from a copy of the other's data dir"
+            )
+        if len(links) > 1:
+            return (
+                f"replica id {replica} answers from {len(links)} peers "
+                f"({', '.join(sorted(link.entry for link in links))}): one was started from a copy "
+                "of another's data dir"
+            )
+        return None

@@ -1,0 +1,47 @@
+"""
+What nodes and clients exchange on the wire, shared by the API and the peer
+client: size limits, header names, and one JSON decoder with the rules for
+hostile input (no recursion blow-up, no NaN, no giant integers).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: Largest request or peer answer body read (a push or a sync page fits).
+MAX_BODY_BYTES = 1024 * 1024
+
+#: Sent on every node-to-node request: the replica id of the sender.
+REPLICA_HEADER = "Counterdb-Replica"
+
+
+class BadJSON(ValueError):
+    """A body that is not JSON this project reads; the message says why."""
+
+
+def _no_constants(name: str) -> Any:
+    raise BadJSON(f"{name} is not a number JSON allows")
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode ``body`` or raise :class:`BadJSON`.
+
+    Never raises anything else, whatever the bytes: too deep a nesting
+    (``[[[[…``) would raise RecursionError from the decoder, an integer of
+    more than 4,300 digits a ValueError, invalid UTF-8 a UnicodeDecodeError.
+    """
+    try:
+        return json.loads(body, parse_constant=_no_constants)
+    except RecursionError:
+        raise BadJSON("the JSON is nested too deeply") from None
+    except BadJSON:
+        raise
+    except UnicodeDecodeError:
+        raise BadJSON("the body is not valid UTF-8") from None
+    except ValueError as e:
+        raise BadJSON(f"the body is not valid JSON ({str(e).split(':')[0]})") from None
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
