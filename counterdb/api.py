@@ -161,7 +161,13 @@ class CounterAPI:
         max-merge hide one copy's increments behind the other's. Refused
         on this side (409) as the peer refuses it on its side."""
         sender = request.getHeader(REPLICA_HEADER)
-        if sender is None or sender != self.node.replica_id:
+        if sender is None:
+            return
+        if sender in self.replication.conflicted_replicas():
+            raise ClientError(
+                409, f"replica id {sender} answers from two places; this node takes data from neither"
+            )
+        if sender != self.node.replica_id:
             return
         now = self.node.clock.seconds()
         if now - self._conflict_logged_at >= 60:

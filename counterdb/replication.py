@@ -278,9 +278,9 @@ class PeerLink:
         """Refuse an answer from a replica id that is ours or another peer's."""
         if not is_replica_id(replica):
             raise InvalidState("the answer does not name a valid replica id")
-        if replica != self.replica:
-            self.replica = replica
-            self._claim_replica(self, replica)
+        # Every answer re-decides: a conflict clears once the copies differ.
+        self.replica = replica
+        self._claim_replica(self, replica)
         if self.conflict is not None:
             raise ReplicaConflict(self.conflict)
 
@@ -362,6 +362,10 @@ class Replication:
         # fetches it in pages, which a push of a large table could not be.
         return link
 
+    def conflicted_replicas(self) -> set[str]:
+        """Replica ids this node refuses: each answers from two places."""
+        return {replica for replica, links in self._by_replica().items() if self._conflict_reason(replica, links)}
+
     def _local_change(self, names: set[str]) -> None:
         for link in self.links.values():
             link.mark_dirty(names)
@@ -371,13 +375,16 @@ class Replication:
 
     def _recheck_replicas(self) -> None:
         """Mark every link whose replica id is ours or another link's."""
+        for replica, links in self._by_replica().items():
+            for link in links:
+                link.mark_conflict(self._conflict_reason(replica, links))
+
+    def _by_replica(self) -> dict[str, list[PeerLink]]:
         by_replica: dict[str, list[PeerLink]] = {}
         for link in self.links.values():
             if link.replica is not None:
                 by_replica.setdefault(link.replica, []).append(link)
-        for replica, links in by_replica.items():
-            for link in links:
-                link.mark_conflict(self._conflict_reason(replica, links))
+        return by_replica
 
     def _conflict_reason(self, replica: str, links: list[PeerLink]) -> str | None:
         if replica == self.node.replica_id:

@@ -64,6 +64,12 @@ def test_increment_answers_the_new_local_value_as_text(solo: FakeNet) -> None:
         (json.dumps({"add": 5}), "whole number"),
         (json.dumps([5]), "whole number"),
         (str(MAX_COUNT + 1).encode(), "at most"),
+        (b"9" * 4301, "at most"),  # past Python's int-string limit: was a 500
+        (b"1" * 5000, "at most"),
+        ("²".encode(), "cannot read"),  # str.isdigit() is true, int() fails: was a 500
+        ("٥".encode(), "cannot read"),  # another script's digit: not a decimal amount here
+        (b'{"addValue": ' + b"7" * 4400 + b"}", "cannot read"),
+        (b"NaN", "cannot read"),
     ],
 )
 def test_bad_increments_are_400_and_change_nothing(solo: FakeNet, body: bytes, fragment: str) -> None:
@@ -74,13 +80,55 @@ def test_bad_increments_are_400_and_change_nothing(solo: FakeNet, body: bytes, f
     assert solo.value(HOST, "c") == 3
 
 
-def test_increment_that_would_overflow_the_counter_is_refused(solo: FakeNet) -> None:
+def test_increment_that_would_overflow_this_nodes_partial_is_refused(solo: FakeNet) -> None:
     solo.increment(HOST, "c", str(MAX_COUNT - 1))
     code, content = solo.request("POST", HOST, "/counter/c", "2")
     assert code == 400
     assert "exceed" in error_of(content)
     assert solo.value(HOST, "c") == MAX_COUNT - 1
     assert solo.increment(HOST, "c", "1") == MAX_COUNT
+
+
+def test_a_total_above_64_bits_is_answered_exactly_and_the_counter_stays_writable(solo: FakeNet) -> None:
+    """Two nodes each holding 5*10^18 made the total too big for 64 bits;
+    the counter was then frozen everywhere. Totals are exact integers."""
+    code, _ = solo.request("POST", HOST, "/counter/c/setsync", {"partials": {"other": 5 * 10**18}})
+    assert code == 200
+    assert solo.increment(HOST, "c", str(5 * 10**18)) == 10**19
+    assert solo.increment(HOST, "c", "1") == 10**19 + 1
+    assert solo.value(HOST, "c") == 10**19 + 1
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("POST", "/config"), ("POST", "/counter/c/setsync"), ("POST", "/sync"), ("POST", "/counter/c")],
+)
+def test_json_nested_too_deeply_is_400_on_every_endpoint_that_reads_json(solo: FakeNet, method: str, path: str) -> None:
+    code, content = solo.request(method, HOST, path, DEEP)
+    assert code == 400, content
+    assert solo.value(HOST, "c") == 0
+
+
+def test_a_multipart_body_gets_a_json_error(solo: FakeNet) -> None:
+    headers = {b"Content-Type": [b"multipart/form-data; boundary=xyz"]}
+    response = solo.result(solo.http.post(f"http://{HOST}:8080/config", data=b"--xyz\r\nbroken", headers=headers))
+    assert response.code == 400
+    assert "JSON" in error_of(solo.result(response.content()))
+
+
+@pytest.mark.parametrize("replica", ["\ud800", "has space", "é", "a/b", "x" * 129, ""])
+@pytest.mark.parametrize("path", ["/counter/c/setsync", "/sync"])
+def test_replica_ids_are_validated_strictly(solo: FakeNet, replica: str, path: str) -> None:
+    """A lone surrogate used to be accepted, then failed every later commit."""
+    state = {replica: 1}
+    body = {"partials": state} if path != "/sync" else {"counters": {"c": state}}
+    code, content = solo.request("POST", HOST, path, json.dumps(body))
+    assert code == 400
+    assert "replica ids must be" in error_of(content)
+    assert solo.increment(HOST, "c") == 1
 
 
 def test_unknown_counter_reads_zero(solo: FakeNet) -> None:
@@ -300,6 +348,10 @@ def test_config_answers_index_self_and_list(net: FakeNet) -> None:
         ({"actors": ["127.0.0.2:9999"]}, "not in the actors list"),
         ({"actors": ["bad host!"]}, "neither"),
         ({"actors": ["127.0.0.2:70000"]}, "port"),
+        ({"actors": ["127.0.0.2:²"]}, "port must be a number"),  # was a 500
+        ({"actors": ["127.0.0.2:٨٠٨٠"]}, "port must be a number"),  # int() would read 8080
+        ({"actors": ["127.0.0.2", "2130706434"]}, "duplicate"),  # the same address, spelt as a number
+        ({"actors": ["127.0.0.2", "127.0.0.3", "0x7f.0.0.3"]}, "duplicate"),
         ({"nodes": ["127.0.0.2"]}, "expected a JSON object"),
         (["127.0.0.2"], "expected a JSON object"),
     ],
@@ -356,6 +408,14 @@ def test_idempotency_key_with_a_different_request_is_422(solo: FakeNet) -> None:
         assert (response.code, response.phrase) == (422, b"Unprocessable Content")
         assert "already used" in error_of(solo.result(response.content()))
     assert solo.value(HOST, "c") == 5 and solo.value(HOST, "d") == 0
+
+
+def test_two_idempotency_keys_are_400(solo: FakeNet) -> None:
+    headers = {b"Idempotency-Key": [b"first", b"second"]}
+    response = solo.result(solo.http.post(f"http://{HOST}:8080/counter/c", data=b"1", headers=headers))
+    assert response.code == 400
+    assert "one Idempotency-Key" in error_of(solo.result(response.content()))
+    assert solo.value(HOST, "c") == 0
 
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "tab\there", "é"])

@@ -245,3 +245,31 @@ def test_a_store_that_raises_fails_the_batch_and_the_node_keeps_working() -> Non
     assert failed[0].check(StoreUnavailable)  # type: ignore[attr-defined]
     store.__class__ = MemoryStore  # the store works again
     assert outcome(node.increment("c", 2)) == [2]
+
+
+def test_a_change_listener_that_raises_still_answers_the_batch_and_later_ones() -> None:
+    """It used to leave every client of that commit batch waiting forever."""
+    node = Node(MemoryStore())
+    heard: list[set[str]] = []
+
+    def broken(names: set[str]) -> None:
+        raise RuntimeError("listener bug")
+
+    node.on_local_change(broken)
+    node.on_local_change(heard.append)
+    assert outcome(node.increment("c", 2)) == [2]
+    assert outcome(node.increment("c", 1)) == [3]
+    assert heard == [{"c"}, {"c"}], "the listeners after the broken one still hear of every change"
+
+
+def test_stop_answers_queued_increments_then_refuses_new_ones() -> None:
+    store = SlowStore()
+    node = Node(store)
+    first, second = node.increment("c", 1), node.increment("c", 1)
+    stopped = node.stop()
+    assert outcome(node.increment("c", 1))[0].check(StoreUnavailable)  # type: ignore[attr-defined]
+    assert not FakeNet.fired(stopped)
+    store.finish(0)
+    store.finish(-1)
+    assert FakeNet.fired(stopped)
+    assert [outcome(first), outcome(second)] == [[1], [2]]

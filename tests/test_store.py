@@ -196,3 +196,65 @@ async def test_fast_durability_takes_a_new_identity_after_a_crash_only(tmp_path:
     node = Node(after_crash)
     assert node.partials("c") == {store.replica_id: 2}  # the old partial still counts
     assert (await node.increment("c", 1)).value == 3
+
+
+class _ReactorAt:
+    """The real reactor, but its clock reads ``now`` (a node on another clock)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def seconds(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_keys_are_kept_or_dropped_by_the_nodes_own_clock(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    """Keys are stamped with the node's clock; loading filtered them with
+    time.time(), so a node whose clock is not the wall clock lost them."""
+    at = _ReactorAt(1_000_000.0)
+    store = SqliteStore(str(tmp_path), at, StoreSettings())
+    opened.append(store)
+    await Node(store, at).increment("c", 3, key="k")
+    store.close()
+    at.now += 3600  # an hour later on that clock: well inside the 24 h window
+    again = SqliteStore(str(tmp_path), at, StoreSettings())
+    opened.append(again)
+    assert [r.key for r in again.load().idempotency] == ["k"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_row_the_database_refuses_never_blocks_own_commits(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    """A replica id SQLite cannot encode (a lone surrogate) once failed every
+    later commit of the node. Whatever gets past validation, own increments
+    commit alone, the bad row is dropped, and the good peer rows are kept."""
+    store = open_store(opened, tmp_path)
+    node = Node(store)
+    node.merge({"c": {"\ud800": 5, "good": 7}})
+    await store.flush()
+    assert (await node.increment("c", 1)).value == 13
+    await store.flush()
+    store.close()
+    loaded = set(open_store(opened, tmp_path).load().entries)
+    assert loaded == {("c", "good", 7), ("c", store.replica_id, 1)}
+
+
+def test_close_marks_a_clean_stop_even_when_peer_rows_fail(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path, durability="fast")
+    store.write_peers({"c": {"\ud800": 5}})
+    store.close()
+    assert open_store(opened, tmp_path, durability="fast").replica_id == store.replica_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_releases_the_data_dir_without_blocking(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path)
+    await Node(store).increment("c", 4)
+    store.write_peers({"c": {"peer": 2}})
+    await store.shutdown()
+    assert not any(thread.is_alive() for thread in store._pool.threads)
+    again = open_store(opened, tmp_path)  # the lock is free
+    assert set(again.load().entries) == {("c", store.replica_id, 4), ("c", "peer", 2)}

@@ -9,9 +9,15 @@ import attrs
 import pytest
 from harness import FAST, FakeNet
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.pages import notFound
 
+from counterdb.peer_client import describe_failure
 from counterdb.replication import MAX_PUSH_BYTES, SyncSettings, backoff_delay
+from counterdb.store import MemoryStore
 from counterdb.wire import MAX_BODY_BYTES
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -296,3 +302,58 @@ def test_rewording_an_entry_keeps_the_link_and_shows_the_new_text(net: FakeNet) 
     net.request("POST", A, "/config", {"actors": [A, f"{B}:8080"]})
     assert net.nodes[A].replication.links[f"http://{B}:8080"] is link
     assert link.entry == f"{B}:8080"
+
+
+def test_a_replica_id_answering_from_two_places_is_refused_on_both_sides(net: FakeNet) -> None:
+    """Two hosts started from copies of one data dir share a replica id:
+    the max-merge then hid one copy's increments behind the other's (36%
+    of acknowledged increments vanished). Both refuse each other, a third
+    node refuses both, and no node's own acknowledged increments vanish."""
+    twin_a = net.add(A, store=MemoryStore(replica_id="copied"))
+    twin_b = net.add(B, store=MemoryStore(replica_id="copied"))
+    third = net.add(C)
+    for n in (twin_a, twin_b, third):
+        net.result(n.members.configure([A, B, C]))
+    for _ in range(20):
+        net.increment(A, "c")
+    for _ in range(7):
+        net.increment(B, "c")
+    net.run(FAST.poll_interval * 3)
+    assert (net.value(A, "c"), net.value(B, "c")) == (20, 7)
+    seen_by_third = net.value(C, "c")
+    for _ in range(5):
+        net.increment(A, "c")
+        net.increment(B, "c")
+    net.run(FAST.poll_interval * 3)
+    assert (net.value(A, "c"), net.value(B, "c")) == (25, 12)
+    assert net.value(C, "c") == seen_by_third, "once it knows, the third node takes neither copy's data"
+    for n, peer in ((twin_a, B), (twin_b, A)):
+        assert "copy" in (n.replication.links[f"http://{peer}:8080"].conflict or "")
+    for peer in (A, B):
+        assert "answers from 2 peers" in (third.replication.links[f"http://{peer}:8080"].conflict or "")
+    code, content = net.request("GET", A, "/sync?since=0", headers={"Counterdb-Replica": ["copied"]})
+    assert code == 409 and "copy" in json.loads(content)["error"]
+
+
+def test_an_unreachable_peer_is_logged_once_per_transition_with_a_reason(net: FakeNet) -> None:
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        net.cluster_of(A, B)
+        net.router.state[B] = "down"
+        net.run(FAST.poll_interval * 5)
+        net.router.state[B] = "up"
+        net.run(FAST.poll_interval * 2)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events if "peer" in str(e.get("log_format", ""))]
+    down = [line for line in lines if "unreachable" in line and f"http://{B}" in line]
+    assert len(down) == 1, lines
+    assert "503" in down[0] and "Failure" not in down[0]
+    assert len([line for line in lines if "is reachable" in line and B in line]) == 2  # start, recovery
+
+
+def test_describe_failure_gives_one_readable_reason() -> None:
+    wrapped = ResponseNeverReceived([Failure(ConnectionRefusedError("Connection refused"))])
+    reason = describe_failure(Failure(wrapped))
+    assert "refused" in reason and "\n" not in reason and "Failure" not in reason
