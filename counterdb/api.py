@@ -13,6 +13,7 @@ import math
 import re
 from typing import Any
 
+import attrs
 from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.defer import CancelledError, Deferred
@@ -27,7 +28,7 @@ from counterdb.consistent import ConsistencyTimeout, ConsistentReads
 from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_name, validate_partials
 from counterdb.membership import Members
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
-from counterdb.replication import Replication
+from counterdb.replication import PeerLink, Replication
 from counterdb.wire import MAX_BODY_BYTES, REPLICA_HEADER, BadJSON, decode_json
 #: Largest ?timeout= a consistent read accepts, in seconds.
 MAX_READ_TIMEOUT = 24 * 3600.0
@@ -78,6 +79,22 @@ class CounterAPI:
         info = membership.as_json() if membership else {"index": 0, "self": None, "actors": []}
         info["replica"] = self.node.replica_id
         return _json(request, info)
+
+    @app.route("/status", methods=["GET"])
+    def status(self, request: IRequest) -> bytes:
+        """This node's view: identity, size, running totals, and each peer."""
+        membership = self.members.current
+        return _json(
+            request,
+            {
+                "replica": self.node.replica_id,
+                "epoch": self.node.epoch,
+                "actors": membership.as_json()["actors"] if membership else [],
+                "counters": len(self.node.table),
+                "stats": attrs.asdict(self.node.stats),
+                "peers": {url: _link_status(link) for url, link in self.replication.links.items()},
+            },
+        )
 
     # -- counters ------------------------------------------------------------
 
@@ -206,6 +223,17 @@ class CounterAPI:
             path=request.path.decode("latin-1"),
         )
         return error_body(request, 500, "internal error; the node logged the details")
+
+
+def _link_status(link: PeerLink) -> dict[str, Any]:
+    return {
+        "entry": link.entry,
+        "reachable": link.reachable,
+        "replica": link.replica,
+        "conflict": link.conflict,
+        "dirty": len(link.dirty),
+        "stats": attrs.asdict(link.stats),
+    }
 
 
 def _client_of(request: IRequest) -> str:

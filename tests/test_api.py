@@ -425,3 +425,19 @@ def test_malformed_idempotency_keys_are_400(solo: FakeNet, key: str) -> None:
     assert response.code == 400
     assert "Idempotency-Key" in error_of(solo.result(response.content()))
     assert solo.value(HOST, "c") == 0
+
+
+def test_status_shows_identity_size_totals_and_peers(net: FakeNet) -> None:
+    nodes = net.cluster_of(HOST, "127.0.0.3")
+    net.increment(HOST, "a")
+    net.increment(HOST, "b", "2")
+    net.settle()
+    code, content = net.request("GET", HOST, "/status")
+    status = json.loads(content)
+    assert code == 200
+    assert status["replica"] == nodes[0].node.replica_id
+    assert status["actors"] == [HOST, "127.0.0.3"] and status["counters"] == 2
+    assert status["stats"]["increments"] == 2 and status["stats"]["committed_increments"] == 2
+    peer = status["peers"]["http://127.0.0.3:8080"]
+    assert peer["reachable"] is True and peer["replica"] == nodes[1].node.replica_id
+    assert peer["stats"]["pushes"] >= 1 and peer["stats"]["push_bytes"] > 0 and peer["dirty"] == 0
