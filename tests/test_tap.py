@@ -65,6 +65,8 @@ def test_systemd_endpoint_without_a_passed_socket_is_a_usage_error() -> None:
         (["--backoff-initial", "2", "--backoff-max", "1"], "--backoff-max"),
         (["--actors", "10.0.0.1,bad host"], "neither"),
         (["--actors", "10.0.0.1,10.0.0.1"], "duplicate"),
+        (["--actors", "10.0.0.1:²"], "port must be a number"),  # was a traceback
+        (["--actors", "10.0.0.1,167772161"], "duplicate"),  # 10.0.0.1 spelt as one number
         (["--advertise", "[::1"], "missing ']'"),
         (["--no-such-flag"], "no-such-flag"),
         (["--durability", "sometimes"], "--durability must be one of: full, fast"),
