@@ -61,6 +61,21 @@ class ServiceConfig:
     store: StoreSettings = StoreSettings()
 
 
+class StartFailed(SystemExit, Exception):
+    """The node cannot start; the message says why, in one line.
+
+    Both a ``SystemExit`` and an ``Exception``, because twistd treats them
+    differently and each mode needs one: in the foreground (``-n``) an
+    uncaught ``SystemExit`` prints just the message and exits 1, while a
+    daemonizing twistd reports only an ``Exception`` to the parent waiting
+    on its status pipe (which then exits 1 instead of waiting forever).
+    """
+
+    def __init__(self, message: str) -> None:
+        log.critical("{message}", message=message)
+        super().__init__(message)
+
+
 class _Waiters:
     """Deferreds waiting for one result that comes once."""
 
@@ -153,7 +168,7 @@ class ListeningService(StreamServerEndpointService):
             super().privilegedStartService()
         except Exception as e:
             # Exiting now, with the reason, beats running a node nobody can reach.
-            raise SystemExit(f"counterdb: cannot listen on {self.description}: {e}") from None
+            raise StartFailed(f"counterdb: cannot listen on {self.description}: {e}") from None
         self._waitingForPort.addCallback(self._bound)
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
@@ -231,7 +246,7 @@ class SyncService(Service):
             members.configure_at_start(entries, persist=bool(self.config.actors))
         except ConfigError as e:
             if self.config.actors:
-                raise SystemExit(f"counterdb: --actors: {e}") from None
+                raise StartFailed(f"counterdb: --actors: {e}") from None
             log.error("the stored actors list no longer fits this node ({error}); waiting for POST /config", error=e)
 
     def stopService(self) -> Deferred[Any]:
@@ -326,5 +341,4 @@ def _open_store(config: ServiceConfig, reactor: Any) -> SqliteStore:
         return SqliteStore(config.data_dir, reactor, config.store)
     except StoreError as e:
         # Refuse to start: never fall back to a store that forgets.
-        log.critical("cannot use the data directory: {error}", error=e)
-        raise SystemExit(f"counterdb: cannot use the data directory: {e}") from None
+        raise StartFailed(f"counterdb: cannot use the data directory: {e}") from None
