@@ -10,7 +10,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 
@@ -71,9 +72,7 @@ def parse_actors(actors: Any, default_port: int) -> list[Actor]:
     for actor in parsed:
         address = actor.address(default_port)
         if address in seen:
-            raise ConfigError(
-                f"duplicate actor: {actor.entry!r} and {seen[address]!r} are the same host and port"
-            )
+            raise ConfigError(f"duplicate actor: {actor.entry!r} and {seen[address]!r} are the same host and port")
         seen[address] = actor.entry
     return parsed
 
@@ -102,9 +101,7 @@ def identify_self(
         matches = [i for i in on_port if bound in resolve(actors[i].host)]
         return _exactly_one(matches, actors, f"the bound address {bound}:{listen_port}")
     matches = [i for i in on_port if any(is_local(ip) for ip in resolve(actors[i].host))]
-    return _exactly_one(
-        matches, actors, f"this machine's addresses on port {listen_port}"
-    )
+    return _exactly_one(matches, actors, f"this machine's addresses on port {listen_port}")
 
 
 def resolve_host(host: str) -> set[str]:

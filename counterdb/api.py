@@ -30,6 +30,7 @@ from counterdb.membership import Members
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
 from counterdb.replication import PeerLink, Replication
 from counterdb.wire import MAX_BODY_BYTES, REPLICA_HEADER, BadJSON, decode_json
+
 #: Largest ?timeout= a consistent read accepts, in seconds.
 MAX_READ_TIMEOUT = 24 * 3600.0
 #: Longest Idempotency-Key accepted.
@@ -182,9 +183,7 @@ class CounterAPI:
         if sender is None:
             return
         if sender in self.replication.conflicted_replicas():
-            raise ClientError(
-                409, f"replica id {sender} answers from two places; this node takes data from neither"
-            )
+            raise ClientError(409, f"replica id {sender} answers from two places; this node takes data from neither")
         if sender != self.node.replica_id:
             return
         now = self.node.clock.seconds()
@@ -214,7 +213,9 @@ class CounterAPI:
         if isinstance(error, MethodNotAllowed):
             allowed = ", ".join(error.valid_methods or [])
             request.setHeader(b"Allow", allowed.encode("ascii"))
-            return error_body(request, 405, f"method {request.method.decode('latin-1')} not allowed here; use {allowed}")
+            return error_body(
+                request, 405, f"method {request.method.decode('latin-1')} not allowed here; use {allowed}"
+            )
         if isinstance(error, HTTPException):
             return error_body(request, error.code or 400, error.description or "bad request")
         self.log.failure(

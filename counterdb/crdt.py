@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from array import array
 from bisect import bisect_right
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import attrs
 
@@ -31,7 +32,7 @@ MAX_NAME_BYTES = 255
 
 #: Replica ids are short ASCII strings (we generate 32 hex characters).
 MAX_REPLICA_ID_CHARS = 128
-_REPLICA_ID = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % MAX_REPLICA_ID_CHARS)
+_REPLICA_ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_REPLICA_ID_CHARS}}}")
 
 Partials = dict[str, int]
 
@@ -60,9 +61,7 @@ def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid counter name, else raise ValueError."""
     size = len(name.encode("utf-8", "surrogatepass"))
     if not 1 <= size <= MAX_NAME_BYTES:
-        raise ValueError(
-            f"counter name must be 1 to {MAX_NAME_BYTES} bytes of UTF-8, got {size} bytes"
-        )
+        raise ValueError(f"counter name must be 1 to {MAX_NAME_BYTES} bytes of UTF-8, got {size} bytes")
     if "/" in name:
         raise ValueError("counter name must not contain '/'")
     try:
@@ -90,15 +89,13 @@ def validate_partials(obj: Any) -> Partials:
         if not is_replica_id(replica):
             raise InvalidState(
                 f"replica ids must be 1 to {MAX_REPLICA_ID_CHARS} characters from A-Z, a-z, 0-9, '_', '.' "
-                f"and '-', got {replica[:MAX_REPLICA_ID_CHARS + 1]!r}"
+                f"and '-', got {replica[: MAX_REPLICA_ID_CHARS + 1]!r}"
             )
         # bool is an int subclass in Python; true/false are not counts.
         if isinstance(count, bool) or not isinstance(count, int):
             raise InvalidState(f"count for replica {replica!r} must be an integer")
         if not 0 <= count <= MAX_COUNT:
-            raise InvalidState(
-                f"count for replica {replica!r} must be between 0 and {MAX_COUNT}"
-            )
+            raise InvalidState(f"count for replica {replica!r} must be between 0 and {MAX_COUNT}")
     return dict(obj)
 
 

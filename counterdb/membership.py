@@ -9,7 +9,8 @@ node writes the node's store.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -38,9 +39,7 @@ class Membership:
 
     def peers(self, listen_port: int) -> dict[str, Actor]:
         """Every actor but this node, keyed by base URL."""
-        return {
-            actor.base_url(listen_port): actor for i, actor in enumerate(self.actors) if i != self.self_index
-        }
+        return {actor.base_url(listen_port): actor for i, actor in enumerate(self.actors) if i != self.self_index}
 
     def as_json(self) -> dict[str, Any]:
         return {

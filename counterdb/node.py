@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -253,9 +253,7 @@ class Node:
         if not accepted:
             return
         now = self.clock.seconds()
-        records = [
-            IdempotencyRecord(p.key, p.name, p.amount, p.answer, now) for p in accepted if p.key is not None
-        ]
+        records = [IdempotencyRecord(p.key, p.name, p.amount, p.answer, now) for p in accepted if p.key is not None]
         self._committing = True
         d = maybeDeferred(self.store.write_own, own, records)
         d.addCallbacks(
@@ -340,7 +338,6 @@ class Node:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-
 
 
 def _key_reused(key: str, counter: str, amount: int) -> KeyReused:

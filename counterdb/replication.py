@@ -23,7 +23,8 @@ treq-like client, so the module runs under ``task.Clock`` and ``StubTreq``.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed

@@ -21,7 +21,8 @@ every service before the reactor serves the first request.
 from __future__ import annotations
 
 import gc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from treq.client import HTTPClient

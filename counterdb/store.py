@@ -14,8 +14,9 @@ import json
 import os
 import sqlite3
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed

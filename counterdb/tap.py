@@ -7,7 +7,6 @@ The twistd command line: ``twistd counterdb --port 8080 ...``.
 
 from __future__ import annotations
 
-
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
@@ -15,9 +14,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from counterdb.actors import ConfigError, parse_actor, parse_actors
+from counterdb.replication import SyncSettings
 from counterdb.service import CounterDBService, ServiceConfig
 from counterdb.store import DURABILITY, StoreSettings
-from counterdb.replication import SyncSettings
 
 _DEFAULTS = SyncSettings()
 
@@ -67,7 +66,13 @@ class Options(usage.Options):
         ],
         ["actors", None, None, "Comma-separated actors list to start with (same meaning as POST /config)."],
         ["poll-interval", None, _DEFAULTS.poll_interval, "Seconds between polls of each peer.", _seconds],
-        ["push-retries", None, _DEFAULTS.push_retries, "Retries of a failed push before leaving a peer to polling.", _count],
+        [
+            "push-retries",
+            None,
+            _DEFAULTS.push_retries,
+            "Retries of a failed push before leaving a peer to polling.",
+            _count,
+        ],
         ["backoff-initial", None, _DEFAULTS.backoff_initial, "First retry delay in seconds.", _seconds],
         ["backoff-max", None, _DEFAULTS.backoff_max, "Largest retry delay in seconds.", _seconds],
         ["peer-timeout", None, _DEFAULTS.peer_timeout, "Seconds before a peer request is abandoned.", _seconds],
@@ -78,9 +83,9 @@ class Options(usage.Options):
         try:
             serverFromString(global_reactor, self["endpoint"])
         except IndexError:  # systemd: no socket with that index was passed to us
-            raise usage.UsageError(f"--port {self['port']!r}: systemd passed no such socket (LISTEN_FDS)")
+            raise usage.UsageError(f"--port {self['port']!r}: systemd passed no such socket (LISTEN_FDS)") from None
         except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"--port {self['port']!r} is not a usable endpoint: {e}")
+            raise usage.UsageError(f"--port {self['port']!r} is not a usable endpoint: {e}") from None
         if self["durability"] not in DURABILITY:
             raise usage.UsageError(f"--durability must be one of: {', '.join(DURABILITY)}")
         if self["backoff-max"] < self["backoff-initial"]:
@@ -93,7 +98,7 @@ class Options(usage.Options):
                 parse_actors(entries, default_port=1)  # syntax only; port-aware checks at start
                 self["actors"] = entries
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e)) from None
 
     def _endpoint_description(self) -> str:
         port = self["port"]
@@ -104,7 +109,9 @@ class Options(usage.Options):
             # Colons in an IPv6 interface must be escaped in endpoint strings.
             return f"tcp:{port}" + (f":interface={interface.replace(':', chr(92) + ':')}" if interface else "")
         if self["interface"]:
-            raise usage.UsageError("--interface goes with a plain --port number; put interface= in the endpoint instead")
+            raise usage.UsageError(
+                "--interface goes with a plain --port number; put interface= in the endpoint instead"
+            )
         return port
 
 

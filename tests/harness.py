@@ -117,7 +117,7 @@ class FakeNet:
 
     def run(self, seconds: float, step: float = 0.05) -> None:
         """Let ``seconds`` of fake time pass in small steps, delivering as we go."""
-        steps = int(round(seconds / step))
+        steps = round(seconds / step)
         for _ in range(steps):
             self.clock.advance(step)
             self.settle(3)

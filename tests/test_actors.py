@@ -26,7 +26,21 @@ def test_entry_forms(entry: str, host: str, port: int | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "entry", ["", "1.2.3.4:", "1.2.3.4:0", "1.2.3.4:65536", "1.2.3.4:http", "[::1", "[1.2.3.4]", "[::1]x", "bad host", "a..b", 5, None]
+    "entry",
+    [
+        "",
+        "1.2.3.4:",
+        "1.2.3.4:0",
+        "1.2.3.4:65536",
+        "1.2.3.4:http",
+        "[::1",
+        "[1.2.3.4]",
+        "[::1]x",
+        "bad host",
+        "a..b",
+        5,
+        None,
+    ],
 )
 def test_malformed_entries_are_refused(entry: object) -> None:
     with pytest.raises(ConfigError):
@@ -44,8 +58,14 @@ def test_duplicates_include_the_implied_port() -> None:
     assert len(parse_actors(["10.0.0.1", "10.0.0.1:8081"], default_port=8080)) == 2
 
 
-def identify(entries: list[str], port: int = 8080, interface: str | None = None, advertise: str | None = None,
-             local: set[str] = frozenset(), dns: dict[str, set[str]] | None = None) -> int:
+def identify(
+    entries: list[str],
+    port: int = 8080,
+    interface: str | None = None,
+    advertise: str | None = None,
+    local: set[str] = frozenset(),
+    dns: dict[str, set[str]] | None = None,
+) -> int:
     dns = dns or {}
     return identify_self(
         parse_actors(entries, port),
@@ -63,7 +83,7 @@ def test_advertise_wins() -> None:
 
 
 def test_advertise_not_in_list_names_it() -> None:
-    with pytest.raises(ConfigError, match="--advertise address '10.0.0.9'"):
+    with pytest.raises(ConfigError, match=r"--advertise address '10\.0\.0\.9'"):
         identify(["10.0.0.1", "10.0.0.2"], advertise="10.0.0.9")
 
 
@@ -79,7 +99,14 @@ def test_bound_interface_with_explicit_ports() -> None:
 
 
 def test_bound_interface_matches_a_dns_entry() -> None:
-    assert identify(["n1.example", "n2.example"], interface="10.0.0.2", dns={"n1.example": {"10.0.0.1"}, "n2.example": {"10.0.0.2"}}) == 1
+    assert (
+        identify(
+            ["n1.example", "n2.example"],
+            interface="10.0.0.2",
+            dns={"n1.example": {"10.0.0.1"}, "n2.example": {"10.0.0.2"}},
+        )
+        == 1
+    )
 
 
 def test_machine_addresses_when_listening_on_all() -> None:
@@ -93,7 +120,7 @@ def test_machine_address_on_another_port_is_not_us() -> None:
 
 
 def test_several_matches_are_refused_with_advice() -> None:
-    with pytest.raises(ConfigError, match="several actors match.*--advertise"):
+    with pytest.raises(ConfigError, match=r"several actors match.*--advertise"):
         identify(["127.0.0.2", "127.0.0.3"], local={"127.0.0.2", "127.0.0.3"})
 
 

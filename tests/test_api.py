@@ -143,7 +143,7 @@ def test_unknown_counter_reads_zero(solo: FakeNet) -> None:
 def test_valid_names_round_trip_percent_encoded(solo: FakeNet, name: str) -> None:
     assert solo.increment(HOST, name, "4") == 4
     assert solo.value(HOST, name) == 4
-    code, content = solo.request("GET", HOST, _path(name, "getsync"))
+    _, content = solo.request("GET", HOST, _path(name, "getsync"))
     assert json.loads(content)["name"] == name
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 from harness import FakeNet
 from twisted.internet.defer import Deferred, fail

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -184,7 +185,9 @@ async def test_full_durability_keeps_its_identity_after_a_crash(tmp_path: Path, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_fast_durability_takes_a_new_identity_after_a_crash_only(tmp_path: Path, opened: list[SqliteStore]) -> None:
+async def test_fast_durability_takes_a_new_identity_after_a_crash_only(
+    tmp_path: Path, opened: list[SqliteStore]
+) -> None:
     store = open_store(opened, tmp_path, durability="fast")
     await Node(store).increment("c", 2)
     store.close()
@@ -212,7 +215,9 @@ class _ReactorAt:
 
 
 @pytest_twisted.ensureDeferred
-async def test_idempotency_keys_are_kept_or_dropped_by_the_nodes_own_clock(tmp_path: Path, opened: list[SqliteStore]) -> None:
+async def test_idempotency_keys_are_kept_or_dropped_by_the_nodes_own_clock(
+    tmp_path: Path, opened: list[SqliteStore]
+) -> None:
     """Keys are stamped with the node's clock; loading filtered them with
     time.time(), so a node whose clock is not the wall clock lost them."""
     at = _ReactorAt(1_000_000.0)
@@ -227,7 +232,9 @@ async def test_idempotency_keys_are_kept_or_dropped_by_the_nodes_own_clock(tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_peer_row_the_database_refuses_never_blocks_own_commits(tmp_path: Path, opened: list[SqliteStore]) -> None:
+async def test_a_peer_row_the_database_refuses_never_blocks_own_commits(
+    tmp_path: Path, opened: list[SqliteStore]
+) -> None:
     """A replica id SQLite cannot encode (a lone surrogate) once failed every
     later commit of the node. Whatever gets past validation, own increments
     commit alone, the bad row is dropped, and the good peer rows are kept."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -76,7 +77,7 @@ def test_failed_pushes_back_off_exponentially_with_jitter_then_give_up(net: Fake
     net.run(10)
     attempts = [t for t in net.requests_to(B, "POST", "/sync") if t >= start]
     assert len(attempts) == settings.push_retries + 1
-    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     for n, gap in enumerate(gaps):
         step = min(settings.backoff_max, settings.backoff_initial * 2**n)
         assert step / 2 - 0.051 <= gap <= step + 0.051, (n, gap, step)
@@ -103,7 +104,7 @@ def test_backoff_delay_is_capped_and_jittered() -> None:
 def test_a_peer_that_comes_back_gets_everything_it_missed(net: FakeNet) -> None:
     net.cluster_of(A, B, C)
     net.router.state[C] = "down"
-    for i in range(5):
+    for _ in range(5):
         net.increment(A, "c", "1")
         net.increment(B, "d", "1")
     net.router.state[C] = "up"

@@ -28,14 +28,20 @@ def test_serves_on_a_socket_passed_by_systemd(tmp_path: Path) -> None:
     # (sh's $$ survives the exec), and current systemd always names the
     # sockets (Twisted ignores LISTEN_FDS without LISTEN_FDNAMES).
     command = (
-        f"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=counterdb exec {sys.executable} -c 'from twisted.scripts.twistd import run; run()' -n --pidfile= "
+        "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=counterdb "
+        f"exec {sys.executable} -c 'from twisted.scripts.twistd import run; run()' -n --pidfile= "
         "counterdb --port systemd:domain=INET:index=0"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "node.log", "wb")
     process = subprocess.Popen(
-        ["sh", "-c", command], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=as_fd_3, pass_fds=(3, listener.fileno()),
+        ["sh", "-c", command],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=as_fd_3,
+        pass_fds=(3, listener.fileno()),
     )
     listener.close()  # the node owns it now
     try:

@@ -6,7 +6,6 @@ import os
 import threading
 from pathlib import Path
 
-
 import pytest
 import pytest_twisted
 import treq
@@ -87,9 +86,15 @@ def test_make_service_opens_nothing_until_started(tmp_path: Path) -> None:
     """twistd calls makeService before it forks and drops privileges: the
     data dir, its lock and the writer thread must wait for startService."""
     data = tmp_path / "data"
-    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5", "--data-dir", str(data)))
+    service = makeService(
+        parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5", "--data-dir", str(data))
+    )
     assert isinstance(service, CounterDBService)
-    assert [type(s).__name__ for s in IServiceCollection(service)] == ["StoreService", "ListeningService", "SyncService"]
+    assert [type(s).__name__ for s in IServiceCollection(service)] == [
+        "StoreService",
+        "ListeningService",
+        "SyncService",
+    ]
     assert service.config.sync.poll_interval == 0.5
     assert not data.exists()
     assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
@@ -127,7 +132,7 @@ async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path)
     finally:
         await service.stopService()
     assert service.web.port is None
-    lock = (tmp_path / "counterdb.lock")
+    lock = tmp_path / "counterdb.lock"
     assert lock.read_text().strip() == str(os.getpid())
     assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
 
@@ -157,7 +162,9 @@ async def test_stopping_waits_for_queued_increments_and_cancels_peer_requests(tm
 
 
 def test_startup_actors_that_do_not_contain_this_node_stop_the_start(tmp_path: Path) -> None:
-    service = makeService(parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.10,127.0.0.11", "--data-dir", str(tmp_path)))
+    service = makeService(
+        parse("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.10,127.0.0.11", "--data-dir", str(tmp_path))
+    )
     service.privilegedStartService()
     with pytest.raises(SystemExit, match="not in the actors list"):
         service.startService()
