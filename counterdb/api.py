@@ -29,7 +29,14 @@ from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_
 from counterdb.membership import Members
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
 from counterdb.replication import PeerLink, Replication
-from counterdb.wire import MAX_BODY_BYTES, REPLICA_HEADER, BadJSON, decode_json
+from counterdb.wire import (
+    DUPLICATED_REPLICA,
+    MAX_BODY_BYTES,
+    REPLICA_HEADER,
+    SAME_REPLICA,
+    BadJSON,
+    decode_json,
+)
 
 #: Largest ?timeout= a consistent read accepts, in seconds.
 MAX_READ_TIMEOUT = 24 * 3600.0
@@ -43,10 +50,11 @@ MAX_SYNC_LIMIT = 10_000
 class ClientError(Exception):
     """A request we refuse, with the status and message to answer."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details  # more members of the JSON answer
 
 
 class CounterAPI:
@@ -175,31 +183,39 @@ class CounterAPI:
         return _json(request, {"replica": self.node.replica_id, "merged": sum(len(p) for p in grown.values())})
 
     def _refuse_own_replica(self, request: IRequest) -> None:
-        """A peer that sends this node's own replica id runs on a copy of
-        this node's data dir: exchanging state with it would let the
-        max-merge hide one copy's increments behind the other's. Refused
-        on this side (409) as the peer refuses it on its side."""
+        """A peer that sends this node's own replica id (or one this node
+        gave up for that reason) runs on a copy of this node's data dir:
+        exchanging state with it would let the max-merge hide one copy's
+        increments behind the other's. Refused (409), with a ``conflict``
+        that tells the sender to go on under a new replica id."""
         sender = request.getHeader(REPLICA_HEADER)
         if sender is None:
             return
+        if sender == self.node.replica_id or sender in self.node.shared_ids:
+            self._log_shared_replica(request, sender)
+            raise ClientError(
+                409,
+                f"replica id {sender} is (or was) this node's own: one of the two nodes was started from a copy "
+                "of the other's data dir; the sender must go on under a new replica id",
+                conflict=SAME_REPLICA,
+            )
         if sender in self.replication.conflicted_replicas():
-            raise ClientError(409, f"replica id {sender} answers from two places; this node takes data from neither")
-        if sender != self.node.replica_id:
-            return
+            raise ClientError(
+                409,
+                f"replica id {sender} answers from two places; this node takes data from neither",
+                conflict=DUPLICATED_REPLICA,
+            )
+
+    def _log_shared_replica(self, request: IRequest, replica: str) -> None:
         now = self.node.clock.seconds()
-        if now - self._conflict_logged_at >= 60:
+        if now - self._conflict_logged_at >= 60:  # at most once a minute
             self._conflict_logged_at = now
             self.log.error(
-                "refusing sync from {client}: it sends this node's own replica id {replica}; one of the two "
-                "was started from a copy of the other's data dir (see docs/operations.md)",
+                "refusing sync from {client}: it sends replica id {replica}, which is (or was) this node's own; "
+                "one of the two was started from a copy of the other's data dir (see docs/operations.md)",
                 client=_client_of(request),
-                replica=sender,
+                replica=replica,
             )
-        raise ClientError(
-            409,
-            f"replica id {sender} is this node's own: one of the two nodes was started from a copy of the "
-            "other's data dir; give one of them a new identity (docs/operations.md, duplicate replica ids)",
-        )
 
     # -- errors --------------------------------------------------------------
 
@@ -207,7 +223,7 @@ class CounterAPI:
     def error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         if isinstance(error, ClientError):
-            return error_body(request, error.code, error.message)
+            return error_body(request, error.code, error.message, **error.details)
         if isinstance(error, NotFound):
             return error_body(request, 404, f"no such resource: {request.path.decode('latin-1')}")
         if isinstance(error, MethodNotAllowed):
@@ -265,9 +281,9 @@ class _Utf8PathGuard(Resource):
         return self.inner.render(request)
 
 
-def error_body(request: IRequest, code: int, message: str) -> bytes:
+def error_body(request: IRequest, code: int, message: str, **details: Any) -> bytes:
     request.setResponseCode(code, _REASONS.get(code))
-    return _json(request, {"error": message})
+    return _json(request, {"error": message, **details})
 
 
 def _json(request: IRequest, obj: Any) -> bytes:

@@ -88,6 +88,9 @@ class Node:
         loaded = store.load()
         self.replica_id = loaded.replica_id
         self.stored_actors = loaded.actors
+        # Replica ids this node gave up because a copy of its data dir used
+        # them too: a peer still answering with one must take a new id.
+        self.shared_ids = set(loaded.shared_ids)
         self.table = CounterTable()
         self.table.load(loaded.entries)
         # Versions are not persisted: a new epoch tells pollers to start over.
@@ -100,6 +103,8 @@ class Node:
         self._draining = False
         self._stopping: Deferred[None] | None = None
         self._idle_waiters: list[Deferred[None]] = []
+        self._renewal: str | None = None  # None, "wanted" or "running"
+        self._identity_listeners: list[Callable[[str], None]] = []
         self._change_listeners: list[Callable[[set[str]], None]] = []
         self.stats = NodeStats()
 
@@ -192,10 +197,62 @@ class Node:
         return d
 
     def _when_idle(self, d: Deferred[None]) -> None:
-        if not self._committing and not self._queue:
+        if self._idle():
             d.callback(None)
         else:
             self._idle_waiters.append(d)
+
+    def _idle(self) -> bool:
+        return not self._committing and not self._queue and self._renewal is None
+
+    def _notify_if_idle(self) -> None:
+        if self._idle():
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    # -- identity --------------------------------------------------------------
+
+    def on_new_identity(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(replica_id)`` after this node took a new replica id."""
+        self._identity_listeners.append(listener)
+
+    def renew_identity(self, reason: str) -> None:
+        """Go on counting under a fresh replica id, because this one answers
+        from another place too (a copy of this data dir runs elsewhere).
+
+        The partial counted so far stays, as a retired replica's; only new
+        increments go to the new id, so from now on neither copy's
+        increments can hide behind the other's. Commits pause while the
+        new id is made durable; nothing queued is lost or counted twice."""
+        if self._renewal is not None or self._stopping is not None:
+            return
+        self.log.error(
+            "replica id {replica} also answers from another place ({reason}); continuing under a new replica id",
+            replica=self.replica_id,
+            reason=reason,
+        )
+        self._renewal = "wanted"
+        if not self._committing:
+            self._start_renewal()
+
+    def _start_renewal(self) -> None:
+        self._renewal = "running"
+        d = maybeDeferred(self.store.renew_identity)
+        d.addCallbacks(self._renewed, lambda f: self.log.failure("could not take a new replica id", f))
+        d.addBoth(self._renewal_finished)
+
+    def _renewed(self, replica_id: str) -> None:
+        old, self.replica_id = self.replica_id, replica_id
+        self.shared_ids.add(old)
+        self.log.warn("now replica {new} (was {old})", new=replica_id, old=old)
+        for listener in self._identity_listeners:
+            listener(replica_id)
+
+    def _renewal_finished(self, _: object) -> None:
+        self._renewal = None
+        self._commit_next_batch()
+        self._notify_if_idle()
 
     # -- idempotency -----------------------------------------------------------
 
@@ -237,7 +294,7 @@ class Node:
         # A loop, not recursion: a store that answers at once (or callers
         # that increment again from an acknowledgement) would otherwise nest
         # one call deeper per batch.
-        if self._draining:
+        if self._draining or self._renewal is not None:
             return
         self._draining = True
         try:
@@ -333,11 +390,10 @@ class Node:
         self._committing = False
         if isinstance(result, Failure):
             self.log.failure("the group commit loop failed", result)
+        if self._renewal == "wanted":
+            self._start_renewal()
         self._commit_next_batch()
-        if not self._committing and not self._queue:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+        self._notify_if_idle()
 
 
 def _key_reused(key: str, counter: str, amount: int) -> KeyReused:

@@ -10,8 +10,7 @@ node's own API.
 
 from __future__ import annotations
 
-import json
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import quote
 
 import treq
@@ -41,10 +40,11 @@ class PeerRefused(Exception):
     """The peer answered with a 4xx: it is up, but will not take or give
     this data. Retrying the same request would not help."""
 
-    def __init__(self, url: str, code: int, reason: str) -> None:
+    def __init__(self, url: str, code: int, reason: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{url} answered {code}: {reason}")
         self.code = code
         self.reason = reason
+        self.details = details or {}  # the JSON answer, when it was an object
 
 
 class PeerError(Exception):
@@ -62,27 +62,30 @@ class PeerClient:
         clock: IReactorTime,
         timeout: float,
         page_size: int,
-        replica_id: str,
+        replica_id: Callable[[], str],
     ) -> None:
         self.http = http
         self.base_url = base_url
         self.clock = clock
         self.timeout = timeout
         self.page_size = page_size
-        self._headers = {REPLICA_HEADER: [replica_id]}
+        self._replica_id = replica_id
+
+    def _headers(self) -> dict[str, list[str]]:
+        return {REPLICA_HEADER: [self._replica_id()]}
 
     def get_changes(self, since: int, epoch: str | None) -> Deferred[Any]:
         params = {"since": str(since), "epoch": epoch or "", "limit": str(self.page_size)}
-        return self._call(self.http.get(f"{self.base_url}/sync", params=params, headers=self._headers))
+        return self._call(self.http.get(f"{self.base_url}/sync", params=params, headers=self._headers()))
 
     def push(self, body: bytes) -> Deferred[Any]:
         """POST /sync with a body already encoded (and size-checked) by the caller."""
-        headers = {**self._headers, "Content-Type": ["application/json"]}
+        headers = {**self._headers(), "Content-Type": ["application/json"]}
         return self._call(self.http.post(f"{self.base_url}/sync", data=body, headers=headers))
 
     def get_counter(self, name: str) -> Deferred[Any]:
         url = f"{self.base_url}/counter/{quote(name, safe='')}/getsync"
-        return self._call(self.http.get(url, headers=self._headers))
+        return self._call(self.http.get(url, headers=self._headers()))
 
     def _call(self, request: Deferred[Any]) -> Deferred[Any]:
         answer = cancellable(request.addCallback(self._json_body))
@@ -98,9 +101,10 @@ class PeerClient:
 
     def _decode(self, code: int, body: bytes) -> Any:
         if 400 <= code < 500:
-            raise PeerRefused(self.base_url, code, _reason(body))
+            details = _json_object(body)
+            raise PeerRefused(self.base_url, code, _reason(body, details), details)
         if code != 200:
-            raise PeerError(f"{self.base_url} answered {code}: {_reason(body)}")
+            raise PeerError(f"{self.base_url} answered {code}: {_reason(body, _json_object(body))}")
         try:
             return decode_json(body)
         except BadJSON as e:
@@ -170,11 +174,16 @@ def cancellable(inner: Deferred[Any]) -> Deferred[Any]:
     return outer
 
 
-def _reason(body: bytes) -> str:
-    """The ``error`` of a JSON refusal, else the start of the body."""
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError, RecursionError):
-        error = None
+        decoded = decode_json(body)
+    except BadJSON:
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
+def _reason(body: bytes, details: dict[str, Any]) -> str:
+    """The ``error`` of a JSON refusal, else the start of the body."""
+    error = details.get("error")
     text = error if isinstance(error, str) else body[:_REASON_CHARS].decode("utf-8", "replace")
     return text[:_REASON_CHARS]

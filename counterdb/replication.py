@@ -36,7 +36,7 @@ from counterdb.crdt import InvalidState, is_replica_id, validate_counters
 from counterdb.membership import Membership
 from counterdb.node import Node
 from counterdb.peer_client import HTTPClient, PeerClient, PeerRefused
-from counterdb.wire import MAX_BODY_BYTES, encode_json
+from counterdb.wire import MAX_BODY_BYTES, SAME_REPLICA, encode_json
 
 log = Logger()
 
@@ -220,6 +220,8 @@ class PeerLink:
         self.note_reachable()
         if error.code == 409:  # the peer saw our replica id answer from two places
             self.mark_conflict(f"it refuses this node: {error.reason}")
+            if error.details.get("conflict") == SAME_REPLICA:
+                self.node.renew_identity(f"peer {self.entry} has it too")
             return
         log.error(
             "peer {peer} refused {what} of {count} counters: {code} {reason}",
@@ -329,6 +331,7 @@ class Replication:
         self.links: dict[str, PeerLink] = {}  # keyed by peer base URL
         self._running = False
         node.on_local_change(self._local_change)
+        node.on_new_identity(lambda _: self._recheck_replicas())
 
     def start(self) -> None:
         self._running = True
@@ -355,7 +358,7 @@ class Replication:
 
     def _new_link(self, entry: str, url: str) -> PeerLink:
         s = self.settings
-        client = PeerClient(self.http, url, self.clock, s.peer_timeout, s.poll_batch, self.node.replica_id)
+        client = PeerClient(self.http, url, self.clock, s.peer_timeout, s.poll_batch, lambda: self.node.replica_id)
         link = PeerLink(self.node, entry, client, self.clock, s, self.rng, self._claim_replica)
         if self._running:
             link.start()
@@ -375,8 +378,11 @@ class Replication:
         self._recheck_replicas()
 
     def _recheck_replicas(self) -> None:
-        """Mark every link whose replica id is ours or another link's."""
+        """Mark every link whose replica id is another link's; take a new
+        replica id if a peer answers with ours."""
         for replica, links in self._by_replica().items():
+            if replica == self.node.replica_id:
+                self.node.renew_identity(f"peer {links[0].entry} answers with it")
             for link in links:
                 link.mark_conflict(self._conflict_reason(replica, links))
 
@@ -388,6 +394,11 @@ class Replication:
         return by_replica
 
     def _conflict_reason(self, replica: str, links: list[PeerLink]) -> str | None:
+        if replica in self.node.shared_ids:
+            return (
+                f"it still answers with replica id {replica}, which a copy of a data dir also used; "
+                "it takes a new one as soon as it hears this from this node"
+            )
         if replica == self.node.replica_id:
             return (
                 f"it answers with this node's own replica id {replica}: one of the two was started "

@@ -57,6 +57,7 @@ class LoadedState:
     actors: list[str] | None
     entries: Iterable[tuple[str, str, int]] = ()  # (counter, replica, count)
     idempotency: list[IdempotencyRecord] = attrs.field(factory=list)
+    shared_ids: frozenset[str] = frozenset()  # ids this node left because a copy used them too
 
 
 class Store(Protocol):
@@ -75,6 +76,11 @@ class Store(Protocol):
     def write_config(self, actors: list[str]) -> Deferred[None]:
         """Record the accepted actors list."""
 
+    def renew_identity(self) -> Deferred[str]:
+        """Durably take a fresh replica id for this node's own rows from now
+        on, remembering the old one as shared; fires with the new one.
+        Called between commits, never during one."""
+
     def shutdown(self) -> Deferred[None]:
         """Write what is pending and release files and threads, without
         blocking the reactor."""
@@ -92,9 +98,11 @@ class MemoryStore:
         self.actors: list[str] | None = None
         self.counters: dict[str, Partials] = {}
         self.keys: list[IdempotencyRecord] = []
+        self.shared_ids: frozenset[str] = frozenset()
 
     def load(self) -> LoadedState:
-        return LoadedState(self.replica_id, self.actors, list(entries_of(self.counters)), list(self.keys))
+        entries = list(entries_of(self.counters))
+        return LoadedState(self.replica_id, self.actors, entries, list(self.keys), self.shared_ids)
 
     def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         for name, count in partials.items():
@@ -110,6 +118,11 @@ class MemoryStore:
     def write_config(self, actors: list[str]) -> Deferred[None]:
         self.actors = list(actors)
         return succeed(None)
+
+    def renew_identity(self) -> Deferred[str]:
+        self.shared_ids |= {self.replica_id}
+        self.replica_id = new_replica_id()
+        return succeed(self.replica_id)
 
     def shutdown(self) -> Deferred[None]:
         return succeed(None)
@@ -209,6 +222,7 @@ class SqliteStore:
         self._flush_call: Any = None
         self._checkpoints: LoopingCall | None = None
         self._last_prune = 0.0
+        self._shared_ids: frozenset[str] = frozenset()
         self._closed = False
         if settings.durability == "fast":
             self._checkpoints = LoopingCall(self._checkpoint)
@@ -238,15 +252,14 @@ class SqliteStore:
         # This record must be on disk before the first increment, whatever
         # the durability mode, or a power loss right after a clean start
         # would look like a clean stop.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._set_meta("clean_shutdown", "0")
-        self._db.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
+        self._set_meta_durably({"clean_shutdown": "0"})
         return replica_id
 
     def load(self) -> LoadedState:
         db = self._db
         meta = dict(db.execute("SELECT key, value FROM meta"))
         actors = json.loads(meta["actors"]) if "actors" in meta else None
+        self._shared_ids = frozenset(json.loads(meta.get("shared_ids", "[]")))
         # The node stamps keys with the reactor's clock: filter with the same one.
         oldest = self.reactor.seconds() - self.settings.idempotency_window
         keys = [
@@ -259,7 +272,7 @@ class SqliteStore:
         ]
         keys.reverse()
         entries = db.execute("SELECT counter, replica, count FROM partials")
-        return LoadedState(self.replica_id, actors, entries, keys)
+        return LoadedState(self.replica_id, actors, entries, keys, self._shared_ids)
 
     # -- writes ------------------------------------------------------------------
 
@@ -280,6 +293,15 @@ class SqliteStore:
 
     def write_config(self, actors: list[str]) -> Deferred[None]:
         return self._in_thread(self._set_meta, "actors", json.dumps(actors))
+
+    def renew_identity(self) -> Deferred[str]:
+        replica_id = new_replica_id()
+        shared = sorted(self._shared_ids | {self.replica_id})
+        d = self._in_thread(self._set_meta_durably, {"replica_id": replica_id, "shared_ids": json.dumps(shared)})
+        d.addCallback(lambda _: setattr(self, "replica_id", replica_id))
+        d.addCallback(lambda _: setattr(self, "_shared_ids", frozenset(shared)))
+        d.addCallback(lambda _: replica_id)
+        return d
 
     def flush(self) -> Deferred[None]:
         """Write peer partials now instead of at the next interval."""
@@ -392,6 +414,16 @@ class SqliteStore:
     def _set_meta(self, key: str, value: str) -> None:
         with self._db:
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _set_meta_durably(self, values: dict[str, str]) -> None:
+        """Set meta entries in one transaction, with an fsync whatever the
+        durability mode."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
+        finally:
+            self._db.execute(f"PRAGMA synchronous={DURABILITY[self.settings.durability]}")
 
     def _checkpoint(self) -> Deferred[None]:
         d = self._in_thread(self._run_checkpoint)

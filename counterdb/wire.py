@@ -15,6 +15,12 @@ MAX_BODY_BYTES = 1024 * 1024
 #: Sent on every node-to-node request: the replica id of the sender.
 REPLICA_HEADER = "Counterdb-Replica"
 
+#: The ``conflict`` member of a 409 answer to a node-to-node request: the
+#: sender's replica id is the answering node's own, or answers from two of
+#: the answering node's peers.
+SAME_REPLICA = "same-replica"
+DUPLICATED_REPLICA = "duplicated-replica"
+
 
 class BadJSON(ValueError):
     """A body that is not JSON this project reads; the message says why."""

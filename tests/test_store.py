@@ -265,3 +265,22 @@ async def test_shutdown_releases_the_data_dir_without_blocking(tmp_path: Path, o
     assert not any(thread.is_alive() for thread in store._pool.threads)
     again = open_store(opened, tmp_path)  # the lock is free
     assert set(again.load().entries) == {("c", store.replica_id, 4), ("c", "peer", 2)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_identity_is_durable_and_the_shared_id_is_remembered(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    """A node that found its replica id in use elsewhere goes on under a new
+    one; after a restart it still uses the new one, keeps the old partial,
+    and still knows the old id was shared (so it keeps refusing it)."""
+    store = open_store(opened, tmp_path)
+    node = Node(store)
+    await node.increment("c", 2)
+    old = node.replica_id
+    node.renew_identity("a test")
+    assert (await node.increment("c", 3)).value == 5
+    assert node.replica_id != old and node.partials("c") == {old: 2, node.replica_id: 3}
+    store.close()
+    restarted = Node(open_store(opened, tmp_path))
+    assert restarted.replica_id == node.replica_id
+    assert restarted.partials("c") == {old: 2, node.replica_id: 3}
+    assert restarted.shared_ids == {old}

@@ -8,13 +8,14 @@ import random
 
 import attrs
 import pytest
-from harness import FAST, FakeNet
+from harness import FAST, FakeNet, SimNode
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.pages import notFound
+from twisted.web.resource import Resource
 
 from counterdb.peer_client import describe_failure
 from counterdb.replication import MAX_PUSH_BYTES, SyncSettings, backoff_delay
@@ -305,35 +306,87 @@ def test_rewording_an_entry_keeps_the_link_and_shows_the_new_text(net: FakeNet) 
     assert link.entry == f"{B}:8080"
 
 
-def test_a_replica_id_answering_from_two_places_is_refused_on_both_sides(net: FakeNet) -> None:
-    """Two hosts started from copies of one data dir share a replica id:
-    the max-merge then hid one copy's increments behind the other's (36%
-    of acknowledged increments vanished). Both refuse each other, a third
-    node refuses both, and no node's own acknowledged increments vanish."""
+def copied_twins(net: FakeNet) -> tuple[SimNode, SimNode, SimNode]:
+    """Two hosts started from copies of one data dir, and a third host."""
     twin_a = net.add(A, store=MemoryStore(replica_id="copied"))
     twin_b = net.add(B, store=MemoryStore(replica_id="copied"))
-    third = net.add(C)
-    for n in (twin_a, twin_b, third):
+    return twin_a, twin_b, net.add(C)
+
+
+def test_twins_from_a_copied_data_dir_each_take_a_new_replica_id_and_lose_nothing_after(net: FakeNet) -> None:
+    """Two hosts started from copies of one data dir share a replica id:
+    the max-merge then hid one copy's increments behind the other's (36%
+    of acknowledged increments vanished). Each twin sees its own id answer
+    from the other and goes on under a fresh one, so nothing counted after
+    that first exchange is lost anywhere."""
+    nodes = copied_twins(net)
+    for n in nodes:
         net.result(n.members.configure([A, B, C]))
     for _ in range(20):
         net.increment(A, "c")
     for _ in range(7):
         net.increment(B, "c")
     net.run(FAST.poll_interval * 3)
-    assert (net.value(A, "c"), net.value(B, "c")) == (20, 7)
-    seen_by_third = net.value(C, "c")
+    assert [net.value(host, "c") for host in (A, B, C)] == [27, 27, 27]
+    assert len({n.node.replica_id for n in nodes}) == 3, "one twin (or both) went on under a new id"
+    assert all(link.conflict is None for n in nodes for link in n.replication.links.values())
+
+
+def test_increments_before_the_twins_met_are_bounded_and_later_ones_all_count(net: FakeNet) -> None:
+    """What the twins counted before their first exchange sits under the
+    shared id: only the larger of the two partials can survive the merge.
+    Everything after is counted exactly."""
+    twin_a, twin_b, third = copied_twins(net)
+    net.result(twin_a.members.configure([A, C]))  # the twins do not know each other yet
+    net.result(twin_b.members.configure([B, C]))
+    net.result(third.members.configure([A, B, C]))
+    for _ in range(20):
+        net.increment(A, "c")
+    for _ in range(7):
+        net.increment(B, "c")
+    net.run(FAST.poll_interval * 3)
+    assert "answers from 2 peers" in (third.replication.links[f"http://{A}:8080"].conflict or "")
+    for twin in (twin_a, twin_b):
+        net.result(twin.members.configure([A, B, C]))
+    net.run(FAST.poll_interval * 3)
     for _ in range(5):
         net.increment(A, "c")
         net.increment(B, "c")
     net.run(FAST.poll_interval * 3)
-    assert (net.value(A, "c"), net.value(B, "c")) == (25, 12)
-    assert net.value(C, "c") == seen_by_third, "once it knows, the third node takes neither copy's data"
-    for n, peer in ((twin_a, B), (twin_b, A)):
-        assert "copy" in (n.replication.links[f"http://{peer}:8080"].conflict or "")
+    assert [net.value(host, "c") for host in (A, B, C)] == [30, 30, 30]  # max(20, 7) + 10
+
+
+def test_a_third_node_refuses_a_replica_id_that_answers_from_two_of_its_peers(net: FakeNet) -> None:
+    third = net.add(C)
+    net.result(third.members.configure([A, B, C]))
+    for twin in (A, B):  # answer polls with one replica id from two addresses
+        net.router.hosts[twin] = _Fixed({"replica": "copied", "epoch": "e", "version": 1, "counters": {}})
+        net.router.state[twin] = "up"
+    net.run(FAST.poll_interval * 2)
     for peer in (A, B):
         assert "answers from 2 peers" in (third.replication.links[f"http://{peer}:8080"].conflict or "")
-    code, content = net.request("GET", A, "/sync?since=0", headers={"Counterdb-Replica": ["copied"]})
-    assert code == 409 and "copy" in json.loads(content)["error"]
+    code, content = net.request("POST", C, "/sync", {"counters": {"c": {"copied": 5}}}, headers=_from("copied"))
+    assert code == 409 and json.loads(content)["conflict"] == "duplicated-replica"
+    assert net.value(C, "c") == 0
+    code, content = net.request("GET", C, "/sync", headers=_from(third.node.replica_id))
+    assert code == 409 and json.loads(content)["conflict"] == "same-replica"
+
+
+def _from(replica: str) -> dict[str, list[str]]:
+    return {"Counterdb-Replica": [replica]}
+
+
+class _Fixed(Resource):
+    """A host that answers every request with one JSON body."""
+
+    isLeaf = True
+
+    def __init__(self, answer: object) -> None:
+        super().__init__()
+        self.answer = json.dumps(answer).encode()
+
+    def render(self, request: object) -> bytes:
+        return self.answer
 
 
 def test_an_unreachable_peer_is_logged_once_per_transition_with_a_reason(net: FakeNet) -> None:
