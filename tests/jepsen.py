@@ -37,7 +37,7 @@ Pieces, each usable on its own:
   SIGSTOP and SIGCONT, a partition into two sides, a one-way partition, a
   slow node, a flaky node), at most a minority of the nodes faulted at any
   time, always healed at the end; executed by a thread that drives a
-  ``counterdb.testing.Cluster``.
+  ``counterdb.localcluster.LocalCluster``.
 
 - **Runner** (:func:`run`): a cluster, client threads, the nemesis, the final
   heal, convergence and the check; the :class:`RunReport` has the figures
@@ -884,7 +884,7 @@ class _Client:
 
 
 class Nemesis(threading.Thread):
-    """Carries out a schedule on a ``counterdb.testing.Cluster``, each event
+    """Carries out a schedule on a ``counterdb.localcluster.LocalCluster``, each event
     at its offset from ``t0`` (late if the previous one took longer), and
     records when each node was not live or not reachable from the clients:
     killed (until it answers again), paused, or flaky."""
@@ -1029,7 +1029,7 @@ def run(base_dir: str | os.PathLike[str], config: RunConfig) -> RunReport:
     for ``config.duration`` s, then the final heal; clients stop, the nodes'
     values converge (timed from the heal), each node answers one last
     consistent read, and the history is checked."""
-    from counterdb.testing import Cluster  # not needed by the checker's unit tests
+    from counterdb.localcluster import LocalCluster  # not needed by the checker's unit tests
 
     names = [f"n{i}" for i in range(1, config.size + 1)]
     schedule = generate_schedule(config.seed, names, config.duration, config.kinds)
@@ -1038,7 +1038,7 @@ def run(base_dir: str | os.PathLike[str], config: RunConfig) -> RunReport:
     stop = threading.Event()
     abort = threading.Event()
     path = "/counter/" + urllib.parse.quote(config.counter, safe="")
-    with Cluster(base_dir, size=config.size, netns=config.netns, node_args=config.node_args) as cluster:
+    with LocalCluster(base_dir, size=config.size, netns=config.netns, node_args=config.node_args) as cluster:
         if list(cluster.nodes) != names:
             raise AssertionError(f"expected nodes {names}, the cluster has {cluster.nodes}")
         urls = {node: cluster.url(node) for node in names}

@@ -4,13 +4,13 @@ Test helpers for real counterdb nodes (``twistd -n counterdb``).
 Not a test module: plain synchronous helpers (``urllib.request``), used by
 ``test_integration.py``, ``test_crash.py``, ``test_plugin.py`` and
 ``jepsen.py``. The processes themselves are run by
-:class:`counterdb.testing.Cluster`, the one process manager (loopback mode,
-nodes on 127.0.0.2, 127.0.0.3, ... sharing one port); :class:`Cluster` and
+:class:`counterdb.localcluster.LocalCluster`, the one process manager (loopback mode,
+nodes on 127.0.0.2, 127.0.0.3, ... sharing one port); :class:`NodeCluster` and
 :class:`NodeProcess` here add what the tests need on top of it: HTTP
 helpers that fail with every node's log tail, :func:`wait_until`, and
 inspection of a node's data dir (:meth:`NodeProcess.stored_partials`).
 
-Every node runs the checkout's code: ``counterdb.testing`` puts the
+Every node runs the checkout's code: ``counterdb.localcluster`` puts the
 directory holding the imported ``counterdb`` package (this checkout, see
 ``pyproject.toml``) on the nodes' ``PYTHONPATH``. Each node gets its own working
 directory with its log file ``node.log`` in it.
@@ -41,10 +41,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
-from counterdb import testing
+from counterdb import localcluster
 
 #: The three loopback hosts the real-process tests run on.
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -61,13 +62,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: twistd run by *this* interpreter. ``python -m twisted`` is not usable
 #: here: it runs ``twist``, which has neither ``-n`` nor ``--pidfile``, and
 #: ``twisted.scripts.twistd`` has no ``__main__`` block.
-TWISTD_IN_THIS_PYTHON = testing.TWISTD
+TWISTD_IN_THIS_PYTHON = localcluster.TWISTD
 
 #: Start-up deadline: importing Twisted and Klein takes ~1 s on an idle
 #: machine, much more on a busy CI runner.
 START_TIMEOUT = 15.0
 #: How long a node gets to exit after SIGTERM before it is SIGKILLed.
-STOP_TIMEOUT = testing.STOP_TIMEOUT
+STOP_TIMEOUT = localcluster.STOP_TIMEOUT
 #: Default client-side timeout of every HTTP call.
 HTTP_TIMEOUT = 5.0
 #: Lines of each node's log quoted in failure messages.
@@ -233,10 +234,10 @@ def is_refused(error: BaseException) -> bool:
 
 
 class NodeProcess:
-    """One node of a :class:`Cluster`: its process is run by the cluster's
-    :class:`counterdb.testing.Cluster`, its HTTP API is spoken here."""
+    """One node of a :class:`NodeCluster`: its process is run by the cluster's
+    :class:`counterdb.localcluster.LocalCluster`, its HTTP API is spoken here."""
 
-    def __init__(self, cluster: Cluster, name: str) -> None:
+    def __init__(self, cluster: NodeCluster, name: str) -> None:
         managed = cluster.managed
         self.cluster = cluster
         self.name = name
@@ -267,7 +268,7 @@ class NodeProcess:
 
     def running(self) -> bool:
         """True while the process exists (paused or not)."""
-        return self.cluster.managed.state(self.name) != testing.STOPPED
+        return self.cluster.managed.state(self.name) != localcluster.STOPPED
 
     def pause(self) -> None:
         """SIGSTOP: the node keeps its sockets but answers nothing."""
@@ -275,7 +276,7 @@ class NodeProcess:
 
     def resume(self) -> None:
         """SIGCONT, if the node is paused."""
-        if self.cluster.managed.state(self.name) == testing.PAUSED:
+        if self.cluster.managed.state(self.name) == localcluster.PAUSED:
             self.cluster.managed.resume(self.name)
 
     def kill(self) -> None:
@@ -290,7 +291,7 @@ class NodeProcess:
     @property
     def shutdown_problem(self) -> str | None:
         """How the node ended, if not the normal way (see
-        :attr:`counterdb.testing.Cluster.shutdown_problems`)."""
+        :attr:`counterdb.localcluster.LocalCluster.shutdown_problems`)."""
         return self.cluster.managed.shutdown_problems.get(self.name)
 
     # -- the data dir ------------------------------------------------------------
@@ -303,7 +304,8 @@ class NodeProcess:
         if not path.exists():
             return None
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=5.0)) as db:
+            uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as db:
                 row = db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()
         except sqlite3.Error:
             return None  # still being created
@@ -330,7 +332,7 @@ class NodeProcess:
         tail = kept[-lines:]
         try:
             state = self.cluster.managed.state(self.name)
-        except testing.ClusterError:
+        except localcluster.ClusterError:
             state = "cluster down"
         problem = self.shutdown_problem
         if problem is not None:
@@ -421,11 +423,11 @@ class NodeProcess:
         return int(self._ok(response, f"GET {name}/consistent_value").text)
 
 
-class Cluster:
-    """The nodes of a :class:`counterdb.testing.Cluster` (``managed``), as
+class NodeCluster:
+    """The nodes of a :class:`counterdb.localcluster.LocalCluster` (``managed``), as
     :class:`NodeProcess` objects in node order."""
 
-    def __init__(self, managed: testing.Cluster) -> None:
+    def __init__(self, managed: localcluster.LocalCluster) -> None:
         self.managed = managed
         self.port = managed.port
         self.nodes = [NodeProcess(self, name) for name in managed.nodes]
@@ -468,21 +470,23 @@ class Cluster:
 @contextlib.contextmanager
 def running_cluster(
     base_dir: Path, hosts: Sequence[str], port: int | None = None, args: Sequence[str] = ()
-) -> Iterator[Cluster]:
+) -> Iterator[NodeCluster]:
     """Start unconfigured nodes on ``hosts`` (the loopback addresses
-    :class:`counterdb.testing.Cluster` uses: 127.0.0.2, 127.0.0.3, ...; all
+    :class:`counterdb.localcluster.LocalCluster` uses: 127.0.0.2, 127.0.0.3, ...; all
     on one port) and always stop them, paused ones resumed first.
 
     When the block ended normally, also fails if a node crashed meanwhile
     or did not shut down cleanly on SIGTERM (the test's own
     :meth:`NodeProcess.kill` is fine).
     """
-    managed = testing.Cluster(base_dir, size=len(hosts), port=port, node_args=args)
+    managed = localcluster.LocalCluster(base_dir, size=len(hosts), port=port, node_args=args)
     managed.up(START_TIMEOUT, configure=False)
     try:
         if managed.actors != list(hosts):
-            raise ValueError(f"hosts must be {managed.actors} (the loopback addresses of counterdb.testing), got {list(hosts)}")
-        cluster = Cluster(managed)
+            raise ValueError(
+                f"hosts must be {managed.actors} (the loopback addresses of counterdb.localcluster), got {list(hosts)}"
+            )
+        cluster = NodeCluster(managed)
         yield cluster
     except BaseException:
         managed.down()
@@ -494,7 +498,7 @@ def running_cluster(
 
 
 @contextlib.contextmanager
-def configured_cluster(base_dir: Path, args: Sequence[str] = NODE_ARGS) -> Iterator[Cluster]:
+def configured_cluster(base_dir: Path, args: Sequence[str] = NODE_ARGS) -> Iterator[NodeCluster]:
     """Three nodes on :data:`HOSTS`, each configured with the seed's bare-IP
     list through ``POST /config`` (the answer checked); stopped, paused ones
     resumed first, however the block ends."""

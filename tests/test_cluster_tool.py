@@ -1,5 +1,5 @@
 """
-The local cluster tool: :class:`counterdb.testing.Cluster` and the
+The local cluster tool: :class:`counterdb.localcluster.LocalCluster` and the
 ``counterdb-cluster`` command line, on real twistd nodes.
 
 Loopback tests run anywhere. The netns tests need root, ``ip`` (iproute2)
@@ -12,17 +12,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
-from counterdb.testing import PACKAGE_PARENT, Cluster, ClusterError
+from counterdb.localcluster import PACKAGE_PARENT, ClusterError, LocalCluster, free_common_port
+from counterdb.localcluster.processes import PROXY
+from counterdb.localcluster.proxy import HIGH_WATER, DelayedPipe, write_delay
 
 #: Fast sync so partitions heal within a second or two.
 NODE_ARGS = ["--poll-interval", "0.2", "--peer-timeout", "1", "--backoff-max", "0.5"]
@@ -44,13 +49,13 @@ def http(url: str, method: str = "GET", body: bytes | None = None, timeout: floa
             return e.code, e.read(), time.monotonic() - started
 
 
-def increment(cluster: Cluster, node: str, name: str, amount: int) -> int:
+def increment(cluster: LocalCluster, node: str, name: str, amount: int) -> int:
     status, body, _ = http(f"{cluster.url(node)}/counter/{name}", "POST", str(amount).encode())
     assert status == 200, f"increment {name} on {node}: {status} {body!r}\n{cluster.log_tail(node)}"
     return int(body)
 
 
-def value(cluster: Cluster, node: str, name: str, timeout: float = 5.0) -> int:
+def value(cluster: LocalCluster, node: str, name: str, timeout: float = 5.0) -> int:
     status, body, _ = http(f"{cluster.url(node)}/counter/{name}/value", timeout=timeout)
     assert status == 200, f"value of {name} on {node}: {status} {body!r}"
     return int(body)
@@ -69,7 +74,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: Callable[[],
         time.sleep(0.05)  # poll interval until the deadline
 
 
-def wait_values(cluster: Cluster, nodes: list[str], name: str, expected: int, timeout: float = CONVERGE) -> None:
+def wait_values(cluster: LocalCluster, nodes: list[str], name: str, expected: int, timeout: float = CONVERGE) -> None:
     def seen() -> str:
         values = {}
         for node in nodes:
@@ -110,12 +115,12 @@ def pid_gone(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("loop"), size=3, node_args=NODE_ARGS) as cluster:
+def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("loop"), size=3, node_args=NODE_ARGS) as cluster:
         yield cluster
 
 
-def test_loopback_up_status_and_convergence(loop: Cluster) -> None:
+def test_loopback_up_status_and_convergence(loop: LocalCluster) -> None:
     assert loop.nodes == ["n1", "n2", "n3"]
     assert [loop.address(n) for n in loop.nodes] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
     assert loop.actors == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -131,7 +136,7 @@ def test_loopback_up_status_and_convergence(loop: Cluster) -> None:
     wait_values(loop, loop.nodes, "conv", 9)
 
 
-def test_loopback_kill_and_start_keep_data(loop: Cluster) -> None:
+def test_loopback_kill_and_start_keep_data(loop: LocalCluster) -> None:
     replica = {s.name: s.replica for s in loop.status()}["n2"]
     increment(loop, "n2", "kept", 7)
     wait_values(loop, ["n1", "n3"], "kept", 7)
@@ -153,7 +158,7 @@ def test_loopback_kill_and_start_keep_data(loop: Cluster) -> None:
     wait_values(loop, loop.nodes, "kept", 8)
 
 
-def test_loopback_pause_and_resume(loop: Cluster) -> None:
+def test_loopback_pause_and_resume(loop: LocalCluster) -> None:
     loop.pause("n3")
     try:
         assert {s.name: s.state for s in loop.status()}["n3"] == "paused"
@@ -167,7 +172,7 @@ def test_loopback_pause_and_resume(loop: Cluster) -> None:
     wait_values(loop, ["n3"], "paused", 4)
 
 
-def test_loopback_refuses_netns_faults_and_unknown_nodes(loop: Cluster) -> None:
+def test_loopback_refuses_netns_faults_and_unknown_nodes(loop: LocalCluster) -> None:
     for fault in (
         lambda: loop.partition([["n1"], ["n2", "n3"]]),
         lambda: loop.partition_oneway("n1", "n2"),
@@ -179,10 +184,10 @@ def test_loopback_refuses_netns_faults_and_unknown_nodes(loop: Cluster) -> None:
             fault()
     with pytest.raises(ClusterError, match="unknown node 'n7'"):
         loop.kill("n7")
-    other = Cluster.load(loop.base_dir)  # what a second process sees
+    other = LocalCluster.load(loop.base_dir)  # what a second process sees
     assert [s.name for s in other.status()] == loop.nodes
     with pytest.raises(ClusterError, match="already has a cluster"):
-        Cluster(loop.base_dir, size=1).up()
+        LocalCluster(loop.base_dir, size=1).up()
 
 
 # -- loopback, command line ----------------------------------------------------------
@@ -192,7 +197,7 @@ def cli(directory: Path, *args: str, expect: int = 0) -> str:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PACKAGE_PARENT)
     result = subprocess.run(
-        [sys.executable, "-m", "counterdb.cluster", "--dir", str(directory), *args],
+        [sys.executable, "-m", "counterdb.localcluster", "--dir", str(directory), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -232,7 +237,7 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         assert "is down" in cli(directory, "down")
     finally:
         if (directory / "cluster.json").exists():
-            Cluster.load(directory).down()
+            LocalCluster.load(directory).down()
 
     assert "no cluster" in cli(directory, "status", expect=1)
     cli(directory, "down")  # again: nothing to do, not an error
@@ -244,6 +249,110 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
 def test_cli_without_cluster_fails_clearly(tmp_path: Path) -> None:
     for command in (["status"], ["kill", "n1"], ["heal"]):
         assert "no cluster in" in cli(tmp_path / "nothing", *command, expect=1)
+
+
+# -- the delaying proxy ----------------------------------------------------------------
+
+
+def pipe(delay: list[float]) -> tuple[Clock, StringTransport, StringTransport, DelayedPipe]:
+    """A pipe from ``source`` to ``sink`` on a fake clock, its delay ``delay[0]``."""
+    clock, source, sink = Clock(), StringTransport(), StringTransport()
+    piped = DelayedPipe(clock, lambda: delay[0], source=source, sink=sink)
+    sink.registerProducer(piped, True)
+    piped.start()
+    return clock, source, sink, piped
+
+
+def test_proxy_pipe_writes_each_chunk_after_its_delay_in_order() -> None:
+    delay = [0.3]
+    clock, _, sink, piped = pipe(delay)
+    piped.put(b"a")
+    clock.advance(0.1)
+    delay[0] = 0.1  # a shorter delay: "b" is due at 0.2, but must not overtake "a"
+    piped.put(b"b")
+    clock.advance(0.19)
+    assert sink.value() == b""
+    clock.advance(0.01)
+    assert sink.value() == b"ab"
+    delay[0] = 0.0
+    piped.put(b"c")
+    clock.advance(0)
+    assert sink.value() == b"abc"
+    piped.close()
+    clock.advance(0)
+    assert sink.disconnecting
+
+
+def test_proxy_pipe_pauses_its_source_while_the_sink_is_full() -> None:
+    clock, source, sink, piped = pipe([0.1])
+    piped.put(b"x")
+    piped.pauseProducing()  # what the sink does when its buffer is full
+    assert source.producerState == "paused"
+    clock.advance(1.0)
+    assert sink.value() == b""  # nothing written to a paused sink
+    piped.resumeProducing()
+    assert source.producerState == "producing"
+    clock.advance(0)
+    assert sink.value() == b"x"
+
+
+def test_proxy_pipe_bounds_what_it_holds() -> None:
+    clock, source, sink, piped = pipe([1.0])
+    for _ in range(HIGH_WATER // 1024):
+        piped.put(b"y" * 1024)
+    assert source.producerState == "paused"  # HIGH_WATER bytes wait: stop reading
+    clock.advance(1.0)
+    assert len(sink.value()) == HIGH_WATER
+    assert source.producerState == "producing"
+
+
+def test_proxy_process_applies_its_delay_file_and_stops_a_sender_whose_peer_does_not_read(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        port = free_common_port(["127.0.0.1"], 21000)
+        delay = tmp_path / "delay"
+        write_delay(delay, 0.0)
+        command = [*PROXY, "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{target.getsockname()[1]}"]
+        env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT))
+        proxy = subprocess.Popen([*command, "--delay-file", str(delay)], env=env, stdout=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 15.0, lambda: "proxy")
+            target.accept()[0].close()  # the probe's connection
+            with socket.create_connection(("127.0.0.1", port), 5) as client:
+                server, _ = target.accept()
+                with server:
+                    write_delay(delay, 0.3)  # applies to open connections
+                    started = time.monotonic()
+                    client.sendall(b"ping")
+                    assert server.recv(4) == b"ping"
+                    assert time.monotonic() - started >= 0.3
+                    write_delay(delay, 0.0)
+                    sent = flood(client, 64 * 1024 * 1024, 3.0)  # the server reads nothing
+                    assert sent < 16 * 1024 * 1024, f"{sent} bytes accepted for a peer that reads nothing"
+                    rss = proc_kb(proxy.pid, "VmRSS")
+                    assert rss < 100 * 1024, f"the proxy holds {rss} kB"
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
+
+
+def flood(sock: socket.socket, total: int, seconds: float) -> int:
+    """Bytes of ``total`` that ``sock`` could send within ``seconds``."""
+    sock.settimeout(0.2)
+    chunk, sent = b"z" * 65536, 0
+    deadline = time.monotonic() + seconds
+    while sent < total and time.monotonic() < deadline:
+        try:
+            sent += sock.send(chunk)
+        except TimeoutError:
+            pass
+    return sent
+
+
+def proc_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
 
 
 # -- network namespaces ----------------------------------------------------------------
@@ -265,7 +374,7 @@ def netns_problems() -> list[str]:
     return problems
 
 
-def need_netns(cluster: Cluster | None) -> Cluster:
+def need_netns(cluster: LocalCluster | None) -> LocalCluster:
     """Fail (never skip) when the machine cannot run netns clusters."""
     problems = netns_problems()
     if problems or cluster is None:
@@ -278,11 +387,11 @@ def need_netns(cluster: Cluster | None) -> Cluster:
 
 
 @pytest.fixture(scope="module")
-def netns_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster | None]:
+def netns_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster | None]:
     if netns_problems():
         yield None  # each test fails with the reason
         return
-    with Cluster(tmp_path_factory.mktemp("netns"), size=3, netns=True, node_args=NODE_ARGS) as cluster:
+    with LocalCluster(tmp_path_factory.mktemp("netns"), size=3, netns=True, node_args=NODE_ARGS) as cluster:
         yield cluster
 
 
@@ -295,7 +404,7 @@ def ip_names() -> str:
     ).stdout
 
 
-def test_netns_partition_and_heal(netns_cluster: Cluster | None) -> None:
+def test_netns_partition_and_heal(netns_cluster: LocalCluster | None) -> None:
     c = need_netns(netns_cluster)
     assert c.actors == [f"{c.address(n)}:8080" for n in c.nodes]
     assert all(s.state == "running" and s.netns for s in c.status())
@@ -317,7 +426,7 @@ def test_netns_partition_and_heal(netns_cluster: Cluster | None) -> None:
     wait_values(c, c.nodes, "part-y", 3)
 
 
-def test_netns_oneway_partition(netns_cluster: Cluster | None) -> None:
+def test_netns_oneway_partition(netns_cluster: LocalCluster | None) -> None:
     c = need_netns(netns_cluster)
     c.partition_oneway("n1", "n3")
     try:
@@ -329,7 +438,7 @@ def test_netns_oneway_partition(netns_cluster: Cluster | None) -> None:
     wait_values(c, c.nodes, "oneway", 2)
 
 
-def test_netns_slow(netns_cluster: Cluster | None) -> None:
+def test_netns_slow(netns_cluster: LocalCluster | None) -> None:
     c = need_netns(netns_cluster)
     c.slow("n2", 0.3)
     try:
@@ -345,7 +454,7 @@ def test_netns_slow(netns_cluster: Cluster | None) -> None:
     assert status == 200 and elapsed < 0.3, f"after heal, GET /config on n2 took {elapsed:.3f} s"
 
 
-def test_netns_flaky(netns_cluster: Cluster | None) -> None:
+def test_netns_flaky(netns_cluster: LocalCluster | None) -> None:
     c = need_netns(netns_cluster)
     c.flaky("n3", 0.2)
     try:
@@ -369,9 +478,9 @@ def test_netns_flaky(netns_cluster: Cluster | None) -> None:
         c.heal()
 
 
-def test_netns_second_cluster_and_down_removes_everything(netns_cluster: Cluster | None, tmp_path: Path) -> None:
+def test_netns_second_cluster_and_down_removes_everything(netns_cluster: LocalCluster | None, tmp_path: Path) -> None:
     first = need_netns(netns_cluster)
-    second = Cluster(tmp_path / "second", size=2, netns=True, node_args=NODE_ARGS)
+    second = LocalCluster(tmp_path / "second", size=2, netns=True, node_args=NODE_ARGS)
     second.up()
     try:
         assert second.id != first.id and second.subnet != first.subnet
@@ -389,7 +498,8 @@ def test_netns_second_cluster_and_down_removes_everything(netns_cluster: Cluster
     second.down()  # idempotent
     shown = ip_names()
     assert second.id not in shown and not any(name in shown for name in names), shown
-    assert state["bridge"] not in subprocess.run([_find_tool("iptables") or "iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
+    forward = [_find_tool("iptables") or "iptables", "-S", "FORWARD"]
+    assert state["bridge"] not in subprocess.run(forward, capture_output=True, text=True).stdout
     wait_until(lambda: all(pid_gone(pid) for pid in pids), 5.0, lambda: f"pids {pids} to be gone")
     assert not (second.base_dir / "cluster.json").exists()
     assert value(first, "n2", "part-x") >= 0  # the first cluster is untouched
@@ -398,7 +508,7 @@ def test_netns_second_cluster_and_down_removes_everything(netns_cluster: Cluster
 def test_netns_failed_up_removes_everything(tmp_path: Path) -> None:
     if netns_problems():
         need_netns(None)
-    cluster = Cluster(tmp_path / "broken", size=2, netns=True, node_args=["--no-such-flag"])
+    cluster = LocalCluster(tmp_path / "broken", size=2, netns=True, node_args=["--no-such-flag"])
     with pytest.raises(ClusterError, match="exited while starting"):
         cluster.up()
     assert cluster.id and cluster.id not in ip_names()

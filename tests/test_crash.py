@@ -24,9 +24,9 @@ from typing import Iterator
 import pytest
 
 try:
-    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, configured_cluster, NodeProcess, http_request, is_refused
+    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, NodeCluster, configured_cluster, NodeProcess, http_request, is_refused
 except ImportError:  # tests/ became a package
-    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, Cluster, configured_cluster, NodeProcess, http_request, is_refused
+    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, NodeCluster, configured_cluster, NodeProcess, http_request, is_refused
 
 #: Client timeout of each increment of the load test: a request that gets
 #: no answer in time is "unknown" (it may or may not have been counted).
@@ -36,7 +36,7 @@ LOAD_CLIENTS = 4
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(tmp_path: Path) -> Iterator[NodeCluster]:
     with configured_cluster(tmp_path) as nodes:
         yield nodes
 
@@ -56,7 +56,7 @@ def values(nodes: list[NodeProcess], name: str) -> dict[str, object]:
     return seen
 
 
-def wait_converged(cluster: Cluster, name: str, total: int, nodes: list[NodeProcess] | None = None) -> None:
+def wait_converged(cluster: NodeCluster, name: str, total: int, nodes: list[NodeProcess] | None = None) -> None:
     """Poll until every node (or every node of ``nodes``) has ``name`` == ``total``."""
     nodes = list(cluster) if nodes is None else nodes
     cluster.wait_until(
@@ -66,13 +66,13 @@ def wait_converged(cluster: Cluster, name: str, total: int, nodes: list[NodeProc
     )
 
 
-def assert_consistent_everywhere(cluster: Cluster, name: str, total: int, when: str) -> None:
+def assert_consistent_everywhere(cluster: NodeCluster, name: str, total: int, when: str) -> None:
     for node in cluster:
         got = node.consistent_value(name, server_timeout=10, timeout=15.0)
         assert got == total, cluster.explain(f"{when}: consistent_value of {name} on {node} is {got}, expected {total}")
 
 
-def assert_configured(cluster: Cluster, node: NodeProcess, index: int, replica: str, when: str) -> None:
+def assert_configured(cluster: NodeCluster, node: NodeProcess, index: int, replica: str, when: str) -> None:
     info = node.get_config()
     expected = {"index": index, "self": node.host, "actors": HOSTS, "replica": replica}
     assert info == expected, cluster.explain(f"{when}: GET /config on {node} is {info!r}, expected {expected!r}")
@@ -170,7 +170,7 @@ def test_sigkill_under_load_loses_no_acknowledged_increment(tmp_path: Path, dura
         check_sigkill_under_load(cluster, durability)
 
 
-def check_sigkill_under_load(cluster: Cluster, durability: str) -> None:
+def check_sigkill_under_load(cluster: NodeCluster, durability: str) -> None:
     name = "load"
     a, b, c = cluster
     nodes = list(cluster)
@@ -308,7 +308,7 @@ def check_sigkill_under_load(cluster: Cluster, durability: str) -> None:
 # -- 2. Idempotent retries across a crash ------------------------------------------------
 
 
-def test_idempotent_retry_after_a_crash_is_answered_from_the_record(cluster: Cluster) -> None:
+def test_idempotent_retry_after_a_crash_is_answered_from_the_record(cluster: NodeCluster) -> None:
     a, b, c = cluster
     name = "idem"
     b.increment(name, "10")
@@ -358,7 +358,7 @@ def test_idempotent_retry_after_a_crash_is_answered_from_the_record(cluster: Clu
     assert_consistent_everywhere(cluster, "idem-other", 0, "after the refused reuse of the key")
 
 
-def test_keyed_requests_cut_by_kills_count_exactly_once_when_retried(cluster: Cluster) -> None:
+def test_keyed_requests_cut_by_kills_count_exactly_once_when_retried(cluster: NodeCluster) -> None:
     """Clients retry each keyed increment (same key, same node) until it is
     answered, across two SIGKILLs of that node: whether or not the killed
     run had committed it, it counts exactly once."""
@@ -431,7 +431,7 @@ def test_keyed_requests_cut_by_kills_count_exactly_once_when_retried(cluster: Cl
 # -- 3. A replaced machine: empty data dir at the same address -----------------------------
 
 
-def test_replaced_node_gets_a_new_replica_and_the_old_partial_still_counts(cluster: Cluster) -> None:
+def test_replaced_node_gets_a_new_replica_and_the_old_partial_still_counts(cluster: NodeCluster) -> None:
     a, b, x = cluster
     name = "replaced"
     for node, amount in ((x, 3), (a, 5), (x, 4), (b, 7), (x, 9)):
@@ -470,7 +470,7 @@ def test_replaced_node_gets_a_new_replica_and_the_old_partial_still_counts(clust
 # -- 4. Restart while the peers are unreachable ------------------------------------------------
 
 
-def test_node_restarted_during_a_partition_serves_its_stored_totals(cluster: Cluster) -> None:
+def test_node_restarted_during_a_partition_serves_its_stored_totals(cluster: NodeCluster) -> None:
     x, b, c = cluster
     name = "x"
     for node, amount in ((x, 1), (b, 20), (c, 300), (b, 4000), (c, 50000)):

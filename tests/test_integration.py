@@ -18,19 +18,19 @@ from urllib.parse import quote
 import pytest
 
 try:
-    from nodes import CONVERGE, FAST, HOSTS, Cluster, configured_cluster, NodeProcess, is_timeout
+    from nodes import CONVERGE, FAST, HOSTS, NodeCluster, configured_cluster, NodeProcess, is_timeout
 except ImportError:  # tests/ became a package
-    from tests.nodes import CONVERGE, FAST, HOSTS, Cluster, configured_cluster, NodeProcess, is_timeout
+    from tests.nodes import CONVERGE, FAST, HOSTS, NodeCluster, configured_cluster, NodeProcess, is_timeout
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(tmp_path: Path) -> Iterator[NodeCluster]:
     """Three configured nodes; stopped (paused ones resumed first) however
     the test ends."""
     with configured_cluster(tmp_path) as nodes:
         yield nodes
 
 
-def wait_converged(cluster: Cluster, name: str, total: int, nodes: list[NodeProcess] | None = None) -> None:
+def wait_converged(cluster: NodeCluster, name: str, total: int, nodes: list[NodeProcess] | None = None) -> None:
     """Poll until every node (or every node of ``nodes``) has ``name`` == ``total``."""
     nodes = list(cluster) if nodes is None else nodes
 
@@ -49,7 +49,7 @@ def wait_converged(cluster: Cluster, name: str, total: int, nodes: list[NodeProc
     cluster.wait_until(converged, CONVERGE, seen)
 
 
-def timed_increment(cluster: Cluster, node: NodeProcess, name: str, body: str | None = None) -> int:
+def timed_increment(cluster: NodeCluster, node: NodeProcess, name: str, body: str | None = None) -> int:
     """Increment, asserting the node answered within :data:`FAST` seconds."""
     response = node.increment_response(name, body, timeout=5.0)
     assert response.status == 200, cluster.explain(f"increment {name} {body!r} on {node}: {response!r}")
@@ -59,7 +59,7 @@ def timed_increment(cluster: Cluster, node: NodeProcess, name: str, body: str | 
     return int(response.text)
 
 
-def test_config_reports_each_nodes_own_entry(cluster: Cluster) -> None:
+def test_config_reports_each_nodes_own_entry(cluster: NodeCluster) -> None:
     replicas = set()
     for index, node in enumerate(cluster):
         info = node.get_config()
@@ -70,7 +70,7 @@ def test_config_reports_each_nodes_own_entry(cluster: Cluster) -> None:
     assert len(replicas) == len(HOSTS), cluster.explain(f"replica ids are not distinct: {replicas}")
 
 
-def test_increments_on_every_node_converge(cluster: Cluster) -> None:
+def test_increments_on_every_node_converge(cluster: NodeCluster) -> None:
     a, b, c = cluster
     name = "hits"
     # Every body form: empty (+1), a plain number, {"addValue": n}.
@@ -110,7 +110,7 @@ def test_increments_on_every_node_converge(cluster: Cluster) -> None:
     assert [node.consistent_value("untouched", timeout=10.0) for node in cluster] == [0, 0, 0]
 
 
-def test_paused_node_blocks_neither_writes_nor_bounded_reads(cluster: Cluster) -> None:
+def test_paused_node_blocks_neither_writes_nor_bounded_reads(cluster: NodeCluster) -> None:
     a, b, c = cluster
     name = "paused"
     a.increment(name, "2")
@@ -157,7 +157,7 @@ def test_paused_node_blocks_neither_writes_nor_bounded_reads(cluster: Cluster) -
     wait_converged(cluster, name, total)
 
 
-def test_killed_node_leaves_the_others_working(cluster: Cluster) -> None:
+def test_killed_node_leaves_the_others_working(cluster: NodeCluster) -> None:
     a, b, c = cluster
     name = "killed"
     total = 0

@@ -1,5 +1,5 @@
 """
-Jepsen-style fault runs on real nodes (``counterdb.testing.Cluster``), checked
+Jepsen-style fault runs on real nodes (``counterdb.localcluster.LocalCluster``), checked
 by ``jepsen.py``: client threads add (half of them with an
 ``Idempotency-Key``, retried on the same node) and read
 ``consistent_value`` on random nodes while a seeded nemesis kills, pauses,
