@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -177,19 +177,31 @@ class CounterTable:
             if count > current.get(replica, 0):
                 current[replica] = count
 
-    def changes_since(self, since: int, limit: int | None = None) -> tuple[dict[str, Partials], int, bool]:
+    def changes_since(
+        self,
+        since: int,
+        limit: int | None = None,
+        budget: int | None = None,
+        cost: Callable[[str, Partials], int] | None = None,
+    ) -> tuple[dict[str, Partials], int, bool]:
         """The counters changed after version ``since``, oldest change first.
 
         Returns ``(counters, version, more)``: the changed counters with all
-        their partials, the version to ask from next time, and whether
-        ``limit`` cut the answer short.
+        their partials, the version to ask from next time, and whether the
+        answer was cut short by ``limit`` counters or by ``budget`` (the sum
+        of ``cost(name, partials)``; at least one counter is always given).
         """
         counters: dict[str, Partials] = {}
-        last = since
+        last, spent = since, 0
         for version, name in self._log.after(since):
+            partials = self._counters[name]
+            if cost is not None and budget is not None:
+                spent += cost(name, partials)
+                if counters and spent > budget:
+                    return counters, last, True
             if limit is not None and len(counters) == limit:
                 return counters, last, True
-            counters[name] = dict(self._counters[name])
+            counters[name] = dict(partials)
             last = version
         return counters, self.version, False
 

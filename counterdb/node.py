@@ -116,11 +116,12 @@ class Node:
     def partials(self, name: str) -> Partials:
         return self.table.partials(name)
 
-    def changes_since(self, since: int, epoch: str | None, limit: int) -> dict[str, object]:
-        """The node-level delta a polling peer asks for (``GET /sync``)."""
+    def changes_since(self, since: int, epoch: str | None, limit: int, max_bytes: int) -> dict[str, object]:
+        """The node-level delta a polling peer asks for (``GET /sync``):
+        at most ``limit`` counters and about ``max_bytes`` of JSON."""
         if epoch != self.epoch:
             since = 0  # the caller's version belongs to another run of ours
-        counters, version, more = self.table.changes_since(since, limit)
+        counters, version, more = self.table.changes_since(since, limit, max_bytes, json_size_bound)
         return {
             "replica": self.replica_id,
             "epoch": self.epoch,
@@ -394,6 +395,15 @@ class Node:
             self._start_renewal()
         self._commit_next_batch()
         self._notify_if_idle()
+
+
+def json_size_bound(name: str, partials: Partials) -> int:
+    """An upper bound on the bytes of ``"name": {partials},`` in ASCII JSON,
+    without encoding it: a non-ASCII character takes at most 12 bytes
+    (a surrogate pair of escapes), a replica id is ASCII, a count at most
+    19 digits."""
+    name_bytes = len(name) if name.isascii() else 12 * len(name)
+    return name_bytes + 8 + sum(len(replica) + 25 for replica in partials)
 
 
 def _key_reused(key: str, counter: str, amount: int) -> KeyReused:

@@ -10,7 +10,8 @@ node's own API.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import treq
@@ -20,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from counterdb.wire import MAX_BODY_BYTES, REPLICA_HEADER, BadJSON, decode_json
+from counterdb.wire import MAX_ANSWER_BYTES, REPLICA_HEADER, BadJSON, decode_json
 
 #: How much of a refusal's body goes into the error message.
 _REASON_CHARS = 200
@@ -95,7 +96,7 @@ class PeerClient:
 
     def _json_body(self, response: Any) -> Deferred[Any]:
         body = bytearray()
-        d = treq.collect(response, _Capped(MAX_BODY_BYTES, self.base_url, body).write)
+        d = treq.collect(response, _Capped(MAX_ANSWER_BYTES, self.base_url, body).write)
         d.addCallback(lambda _: self._decode(response.code, bytes(body)))
         return d
 

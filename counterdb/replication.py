@@ -55,7 +55,7 @@ class SyncSettings:
     backoff_initial: float = 0.05
     backoff_max: float = 5.0
     peer_timeout: float = 5.0
-    poll_batch: int = 10_000  # counters per GET /sync answer
+    poll_batch: int = 5_000  # counters per GET /sync answer
 
 
 @attrs.define

@@ -9,8 +9,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-#: Largest request or peer answer body read (a push or a sync page fits).
+#: Largest request body read (a push fits).
 MAX_BODY_BYTES = 1024 * 1024
+
+#: Largest sync page a node writes, and twice that the largest answer a
+#: node reads from a peer.
+MAX_PAGE_BYTES = 1024 * 1024
+MAX_ANSWER_BYTES = 2 * MAX_PAGE_BYTES
 
 #: Sent on every node-to-node request: the replica id of the sender.
 REPLICA_HEADER = "Counterdb-Replica"

@@ -149,3 +149,13 @@ def test_paging_after_any_version_returns_exactly_the_counters_changed_since(
         seen.extend(counters)
     assert sorted(seen) == sorted(name for name, version in stamps.items() if version > since)
     assert len(seen) == len(set(seen))
+
+
+def test_a_page_stops_at_its_budget_but_always_holds_one_counter() -> None:
+    table = CounterTable()
+    for i in range(10):
+        table.merge(f"c{i}", {"r": 1})
+    page, version, more = table.changes_since(0, limit=100, budget=25, cost=lambda name, partials: 10)
+    assert (list(page), more) == (["c0", "c1"], True)
+    page, _, more = table.changes_since(version, limit=100, budget=5, cost=lambda name, partials: 10)
+    assert (list(page), more) == (["c2"], True)

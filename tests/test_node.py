@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from harness import FakeNet
+from counterdb.testing import FakeNet
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 

@@ -8,7 +8,7 @@ import random
 
 import attrs
 import pytest
-from harness import FAST, FakeNet, SimNode
+from counterdb.testing import FAST, FakeNet, SimNode
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import formatEvent, globalLogPublisher

@@ -1,8 +1,21 @@
 """
-In-memory clusters for unit tests: every node's Klein resource behind one
-``StubTreq``, routed by the Host header, on one ``task.Clock``. No sockets,
-no real time: ``net.settle()`` delivers everything that can be delivered now,
-``net.clock.advance(s)`` moves time.
+Test doubles for code that uses counterdb (``counterdb.testing``, as in
+Twisted's own ``twisted.internet.testing``): whole clusters in memory.
+
+Every node's Klein resource sits behind one ``StubTreq``, routed by the Host
+header, on one ``task.Clock``. No sockets, no real time: ``net.settle()``
+delivers everything that can be delivered now, ``net.run(s)`` lets ``s``
+seconds of fake time pass. A host can be made ``"down"`` (503) or
+``"hung"`` (never answers) through ``net.router.state``::
+
+    net = FakeNet()
+    a, b = net.cluster_of("127.0.0.2", "127.0.0.3")
+    net.increment("127.0.0.2", "visits")
+    net.run(1.0)
+    assert net.value("127.0.0.3", "visits") == 1
+
+Real processes (twistd nodes on loopback or in network namespaces) are
+:mod:`counterdb.localcluster`.
 """
 
 from __future__ import annotations
