@@ -15,6 +15,9 @@ from __future__ import annotations
 import http.client
 import itertools
 import random
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from counterdb.store import DB_FILE
 
 try:
     from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, NodeCluster, configured_cluster, NodeProcess, http_request, is_refused
@@ -518,3 +523,42 @@ def test_node_restarted_during_a_partition_serves_its_stored_totals(cluster: Nod
     c.resume()
     wait_converged(cluster, name, total)
     assert_consistent_everywhere(cluster, name, total, "after the partition healed")
+
+
+# -- 5. A host started from a copy of another's data dir ---------------------------------------
+
+
+def test_a_copied_data_dir_takes_a_new_replica_id_and_no_increment_vanishes(cluster: NodeCluster) -> None:
+    """Two hosts on copies of one data dir shared a replica id, and under
+    load a third of the acknowledged increments vanished from every total.
+    Now the copies notice at their first exchange and one (or both) goes on
+    under a new replica id: every increment acknowledged after that counts
+    exactly, everywhere."""
+    a, b, x = cluster
+    name = "copied"
+    a.increment(name, "5")
+    wait_converged(cluster, name, 5)
+    x.stop()
+    x.wipe_data()
+    admin = [sys.executable, "-m", "counterdb.admin"]
+    backup = x.data_dir.parent / "a-copy.sqlite3"
+    subprocess.run([*admin, "backup", str(a.data_dir), str(backup)], check=True, capture_output=True)
+    x.data_dir.mkdir()
+    shutil.copy(backup, x.data_dir / DB_FILE)  # a raw copy: the same replica id, the same list
+    assert x.stored_replica_id() == a.stored_replica_id()
+    x.restart()
+    cluster.wait_until(
+        lambda: a.get_config()["replica"] != x.get_config()["replica"],
+        CONVERGE,
+        lambda: f"{a} and {x} still share replica id {a.get_config()['replica']}",
+    )
+    assert "continuing under a new replica id" in x.log_tail(200) + a.log_tail(200), cluster.explain("no log line")
+
+    acked = 0
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        for node in (a, x):
+            node.increment(name)
+            acked += 1
+    assert_consistent_everywhere(cluster, name, 5 + acked, f"after {acked} increments on the two copies")
+    wait_converged(cluster, name, 5 + acked)
