@@ -60,8 +60,9 @@ import random
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 try:
     from nodes import NODE_ARGS as _NODE_ARGS
@@ -131,7 +132,7 @@ class History:
         with self._lock:
             return list(self.ops)
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.snapshot())
 
     def __len__(self) -> int:
@@ -283,7 +284,8 @@ def check(history: History | Iterable[Op], final_values: Mapping[str, Any]) -> R
                 Violation(
                     "read-below-lower",
                     f"read #{read.index} on {read.node} answered {value}, but adds of {lower} in total were "
-                    f"acknowledged before it began (bounds [{lower}, {upper}]): at least {deficit} acknowledged is missing; "
+                    f"acknowledged before it began (bounds [{lower}, {upper}]): "
+                    f"at least {deficit} acknowledged is missing; "
                     f"suspects{why}: {_names(suspects)}",
                     (read.index, *(op.index for op in suspects)),
                     read.start,
@@ -368,9 +370,7 @@ def _names(ops: Sequence[Op]) -> str:
     return ", ".join(f"#{op.index} ({op.kind} {op.amount} on {op.node}, {op.outcome})" for op in ops)
 
 
-def window(
-    history: History | Iterable[Op], start: float, end: float, margin: float = 0.5, limit: int = 60
-) -> list[Op]:
+def window(history: History | Iterable[Op], start: float, end: float, margin: float = 0.5, limit: int = 60) -> list[Op]:
     """The operations whose span meets ``[start - margin, end + margin]``,
     by start time; at most ``limit``, those nearest the span kept."""
     ops = [op for op in _ops_list(history) if op.end >= start - margin and op.start <= end + margin]
@@ -395,9 +395,7 @@ class Availability:
         return self.acknowledged / self.eligible if self.eligible else 1.0
 
 
-def availability(
-    history: History | Iterable[Op], down: Mapping[str, Sequence[tuple[float, float]]]
-) -> Availability:
+def availability(history: History | Iterable[Op], down: Mapping[str, Sequence[tuple[float, float]]]) -> Availability:
     """Adds to nodes that were live and reachable from the client for the
     whole operation: ``down[node]`` lists the ``(begin, end)`` spans during
     which ``node`` was not (killed until ready again, paused, flaky); an add
@@ -560,14 +558,18 @@ def describe_schedule(schedule: Sequence[Event], limit: int | None = None) -> st
             continue
         end_kind = ENDS[event.fault]
         end = next(
-            (e.at for e in schedule[i + 1 :] if e.fault == HEAL_ALL or (e.fault == end_kind and (end_kind == "heal" or e.targets == event.targets))),
+            (
+                e.at
+                for e in schedule[i + 1 :]
+                if e.fault == HEAL_ALL or (e.fault == end_kind and (end_kind == "heal" or e.targets == event.targets))
+            ),
             None,
         )
         text = str(event).split("s ", 1)[1]
         parts.append(f"{text} {event.at:g}-{end:g}s")
     faults = sum(event.fault in ALL_FAULTS for event in schedule)
     if limit is not None and faults > limit:
-        parts = parts[:limit] + [f"... {faults - limit} more faults (the failure message lists all)"]
+        parts = [*parts[:limit], f"... {faults - limit} more faults (the failure message lists all)"]
     parts.append(f"heal_all {schedule[-1].at:g}s" if schedule else "none")
     return "; ".join(parts)
 
@@ -672,7 +674,8 @@ class RunReport:
         mode = "netns" if c.netns else "loopback"
         lines = [
             f"jepsen {mode} seed={c.seed}: {c.size} nodes, {c.clients} clients, {c.duration:g} s of run; "
-            f"{applied} of {sum(faults.values())} faults applied ({', '.join(f'{k} {v}' for k, v in faults.items()) or 'none'})",
+            f"{applied} of {sum(faults.values())} faults applied "
+            f"({', '.join(f'{k} {v}' for k, v in faults.items()) or 'none'})",
             f"  ops {len(ops)}: adds {len(adds)} ({split(adds)}), reads {len(reads)} ({split(reads)})",
         ]
         r = self.result
@@ -734,7 +737,11 @@ class RunReport:
                 named = set(violation.ops)
                 for op in window(self.history, start, end):
                     parts.append(("=> " if op.index in named else "   ") + op.describe(t0))
-                outside = [op for op in self.history.snapshot() if op.index in named and not start - 0.5 <= op.start <= end + 0.5]
+                outside = [
+                    op
+                    for op in self.history.snapshot()
+                    if op.index in named and not start - 0.5 <= op.start <= end + 0.5
+                ]
                 for op in outside:
                     parts.append("=> " + op.describe(t0) + "  (named, outside the window)")
             if len(reads) > max_violations:
@@ -763,7 +770,7 @@ def _reason(error: BaseException) -> str:
     return type(reason).__name__
 
 
-def _send(url: str, method: str, body: bytes | None, timeout: float, headers: dict[str, str] | None = None):  # noqa: ANN202
+def _send(url: str, method: str, body: bytes | None, timeout: float, headers: dict[str, str] | None = None):
     """One request: ``(response, None)``, or ``(None, "refused")`` when
     nothing was sent, or ``(None, reason)`` when the answer is unknown."""
     try:
@@ -778,7 +785,15 @@ class _Client:
     """One process (client thread): random adds and consistent reads on
     random nodes until told to stop."""
 
-    def __init__(self, process: int, config: RunConfig, urls: dict[str, str], report: RunReport, lock: threading.Lock, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        process: int,
+        config: RunConfig,
+        urls: dict[str, str],
+        report: RunReport,
+        lock: threading.Lock,
+        stop: threading.Event,
+    ) -> None:
         self.process = process
         self.config = config
         self.urls = urls
@@ -797,7 +812,7 @@ class _Client:
     def run(self) -> None:
         try:
             self.loop()
-        except BaseException as e:  # noqa: BLE001 - a bug in the client: the run fails
+        except BaseException as e:
             with self.lock:
                 self.report.problems.append(f"client p{self.process} crashed: {type(e).__name__}: {e}")
             raise
@@ -880,7 +895,18 @@ class _Client:
             time.sleep(0.05)  # pause before the retry; the loop ends at its deadline
         end = time.monotonic()
         detail = ",".join(details) if len(details) <= 4 else f"{','.join(details[:2])},...,{details[-1]}"
-        return Op(self.process, ADD, node, start, end, outcome, amount=amount, keyed=keyed, detail=detail, attempts=len(details))
+        return Op(
+            self.process,
+            ADD,
+            node,
+            start,
+            end,
+            outcome,
+            amount=amount,
+            keyed=keyed,
+            detail=detail,
+            attempts=len(details),
+        )
 
 
 class Nemesis(threading.Thread):
@@ -889,7 +915,9 @@ class Nemesis(threading.Thread):
     records when each node was not live or not reachable from the clients:
     killed (until it answers again), paused, or flaky."""
 
-    def __init__(self, cluster: Any, schedule: Sequence[Event], t0: float, report: RunReport, abort: threading.Event) -> None:
+    def __init__(
+        self, cluster: Any, schedule: Sequence[Event], t0: float, report: RunReport, abort: threading.Event
+    ) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.cluster = cluster
         self.schedule = list(schedule)
@@ -916,7 +944,7 @@ class Nemesis(threading.Thread):
             error = None
             try:
                 self.apply(event, begin)
-            except Exception as e:  # noqa: BLE001 - reported; the run stops
+            except Exception as e:
                 error = f"{type(e).__name__}: {e}"
             end = time.monotonic()
             self.settle(event, end)
@@ -1000,7 +1028,9 @@ def _local_values(urls: dict[str, str], path: str) -> dict[str, Any]:
     return values
 
 
-def converge(urls: dict[str, str], path: str, since: float, limit: float = CONVERGENCE_LIMIT) -> tuple[dict[str, Any], float | None]:
+def converge(
+    urls: dict[str, str], path: str, since: float, limit: float = CONVERGENCE_LIMIT
+) -> tuple[dict[str, Any], float | None]:
     """Poll every node's local value until all agree and stay agreed for
     :data:`CONVERGENCE_STABLE` s; return the values and the seconds from
     ``since`` to the poll that first saw the agreement (None: not within
@@ -1043,7 +1073,9 @@ def run(base_dir: str | os.PathLike[str], config: RunConfig) -> RunReport:
             raise AssertionError(f"expected nodes {names}, the cluster has {cluster.nodes}")
         urls = {node: cluster.url(node) for node in names}
         clients = [_Client(p, config, urls, report, lock, stop) for p in range(config.clients)]
-        threads = [threading.Thread(target=client.run, name=f"client-{client.process}", daemon=True) for client in clients]
+        threads = [
+            threading.Thread(target=client.run, name=f"client-{client.process}", daemon=True) for client in clients
+        ]
         report.t0 = time.monotonic()
         nemesis = Nemesis(cluster, schedule, report.t0, report, abort)
         try:
@@ -1059,7 +1091,7 @@ def run(base_dir: str | os.PathLike[str], config: RunConfig) -> RunReport:
             elif not any(a.event.fault == HEAL_ALL and a.error is None for a in report.applied):
                 try:
                     nemesis.heal_all()
-                except Exception as e:  # noqa: BLE001 - reported
+                except Exception as e:
                     report.problems.append(f"final heal after the nemesis stopped: {type(e).__name__}: {e}")
                 nemesis.settle(Event(config.duration, HEAL_ALL), time.monotonic())
             report.healed = time.monotonic()

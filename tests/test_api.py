@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from counterdb.testing import FakeNet
 
 from counterdb.crdt import MAX_COUNT
+from counterdb.testing import FakeNet
 
 HOST = "127.0.0.2"
 

@@ -399,9 +399,10 @@ def ip_names() -> str:
     """Everything `ip netns list` and `ip link` show."""
     ip = _find_tool("ip")
     assert ip is not None
-    return subprocess.run([ip, "netns", "list"], capture_output=True, text=True).stdout + subprocess.run(
-        [ip, "-o", "link", "show"], capture_output=True, text=True
-    ).stdout
+    return (
+        subprocess.run([ip, "netns", "list"], capture_output=True, text=True).stdout
+        + subprocess.run([ip, "-o", "link", "show"], capture_output=True, text=True).stdout
+    )
 
 
 def test_netns_partition_and_heal(netns_cluster: LocalCluster | None) -> None:

@@ -21,17 +21,37 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from counterdb.store import DB_FILE
 
 try:
-    from nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, NodeCluster, configured_cluster, NodeProcess, http_request, is_refused
+    from nodes import (
+        CONVERGE,
+        FAST,
+        HOSTS,
+        NODE_ARGS,
+        NodeCluster,
+        NodeProcess,
+        configured_cluster,
+        http_request,
+        is_refused,
+    )
 except ImportError:  # tests/ became a package
-    from tests.nodes import CONVERGE, FAST, HOSTS, NODE_ARGS, NodeCluster, configured_cluster, NodeProcess, http_request, is_refused
+    from tests.nodes import (
+        CONVERGE,
+        FAST,
+        HOSTS,
+        NODE_ARGS,
+        NodeCluster,
+        NodeProcess,
+        configured_cluster,
+        http_request,
+        is_refused,
+    )
 
 #: Client timeout of each increment of the load test: a request that gets
 #: no answer in time is "unknown" (it may or may not have been counted).
@@ -193,7 +213,7 @@ def check_sigkill_under_load(cluster: NodeCluster, durability: str) -> None:
     def client(seed: int) -> None:
         try:
             load_client(seed, nodes, name, outcomes, stop)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
+        except BaseException as e:
             crashes.append(e)
             raise
 
@@ -367,7 +387,7 @@ def test_keyed_requests_cut_by_kills_count_exactly_once_when_retried(cluster: No
     """Clients retry each keyed increment (same key, same node) until it is
     answered, across two SIGKILLs of that node: whether or not the killed
     run had committed it, it counts exactly once."""
-    a, b, c = cluster
+    a = cluster[0]
     name = "keyed"
     lock = threading.Lock()
     sent: dict[str, int] = {}  # key -> amount, for every increment answered 200
@@ -411,9 +431,13 @@ def test_keyed_requests_cut_by_kills_count_exactly_once_when_retried(cluster: No
     try:
         for thread in threads:
             thread.start()
-        for round_ in range(2):
+        for _ in range(2):
             target = answered() + 150
-            cluster.wait_until(lambda: answered() >= target, CONVERGE, lambda: f"{target} keyed increments answered")
+            cluster.wait_until(
+                lambda target=target: answered() >= target,
+                CONVERGE,
+                lambda target=target: f"{target} keyed increments answered",
+            )
             a.kill()
             a.restart()
         target = answered() + 150
@@ -534,7 +558,7 @@ def test_a_copied_data_dir_takes_a_new_replica_id_and_no_increment_vanishes(clus
     Now the copies notice at their first exchange and one (or both) goes on
     under a new replica id: every increment acknowledged after that counts
     exactly, everywhere."""
-    a, b, x = cluster
+    a, x = cluster[0], cluster[2]
     name = "copied"
     a.increment(name, "5")
     wait_converged(cluster, name, 5)

@@ -14,14 +14,14 @@ acknowledged, and the nodes agree within seconds of the heal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 try:
     import jepsen
-    from test_jepsen import CI_SEED, assert_run, env_seed, require_netns, show  # noqa: F401 (show: fixture)
+    from test_jepsen import CI_SEED, assert_run, env_seed, require_netns, show
 except ImportError:  # tests/ became a package
     from tests import jepsen
     from tests.test_jepsen import CI_SEED, assert_run, env_seed, require_netns, show  # noqa: F401

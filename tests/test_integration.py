@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import pytest
 
 try:
-    from nodes import CONVERGE, FAST, HOSTS, NodeCluster, configured_cluster, NodeProcess, is_timeout
+    from nodes import CONVERGE, FAST, HOSTS, NodeCluster, NodeProcess, configured_cluster, is_timeout
 except ImportError:  # tests/ became a package
-    from tests.nodes import CONVERGE, FAST, HOSTS, NodeCluster, configured_cluster, NodeProcess, is_timeout
+    from tests.nodes import CONVERGE, FAST, HOSTS, NodeCluster, NodeProcess, configured_cluster, is_timeout
+
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[NodeCluster]:
@@ -121,7 +122,7 @@ def test_paused_node_blocks_neither_writes_nor_bounded_reads(cluster: NodeCluste
     c.pause()
     # Writes on the live nodes answer at once, though their pushes to the
     # paused peer hang until --peer-timeout.
-    for round_ in range(3):
+    for _ in range(3):
         for node, amount in ((a, 1), (b, 10)):
             timed_increment(cluster, node, name, str(amount))
             total += amount
@@ -170,7 +171,7 @@ def test_killed_node_leaves_the_others_working(cluster: NodeCluster) -> None:
     assert not c.running()
     # The survivors keep taking increments (each one fast) and keep agreeing,
     # over several poll intervals and push retries towards the dead peer.
-    for round_ in range(5):
+    for _ in range(5):
         for node, amount in ((a, 1), (b, 2)):
             timed_increment(cluster, node, name, str(amount))
             total += amount

@@ -201,7 +201,9 @@ def test_schedules_fault_a_minority_and_heal_at_the_end(seed: int, size: int) ->
 def test_schedules_use_only_the_kinds_asked_for() -> None:
     schedule = jepsen.generate_schedule(7, ["n1", "n2", "n3"], 30.0, kinds=jepsen.PROCESS_FAULTS)
     assert set(jepsen.schedule_faults(schedule)) == {jepsen.KILL, jepsen.PAUSE}
-    assert jepsen.generate_schedule(8, ["n1", "n2", "n3"], 30.0) != jepsen.generate_schedule(9, ["n1", "n2", "n3"], 30.0)
+    assert jepsen.generate_schedule(8, ["n1", "n2", "n3"], 30.0) != jepsen.generate_schedule(
+        9, ["n1", "n2", "n3"], 30.0
+    )
     with pytest.raises(ValueError):
         jepsen.generate_schedule(1, ["n1", "n2"], 30.0)
     with pytest.raises(ValueError):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from counterdb.testing import FakeNet
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from counterdb.crdt import MAX_COUNT
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
 from counterdb.store import IdempotencyRecord, MemoryStore
+from counterdb.testing import FakeNet
 
 
 class SlowStore(MemoryStore):

@@ -268,7 +268,9 @@ async def test_shutdown_releases_the_data_dir_without_blocking(tmp_path: Path, o
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_new_identity_is_durable_and_the_shared_id_is_remembered(tmp_path: Path, opened: list[SqliteStore]) -> None:
+async def test_a_new_identity_is_durable_and_the_shared_id_is_remembered(
+    tmp_path: Path, opened: list[SqliteStore]
+) -> None:
     """A node that found its replica id in use elsewhere goes on under a new
     one; after a restart it still uses the new one, keeps the old partial,
     and still knows the old id was shared (so it keeps refusing it)."""

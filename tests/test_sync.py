@@ -8,7 +8,6 @@ import random
 
 import attrs
 import pytest
-from counterdb.testing import FAST, FakeNet, SimNode
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import formatEvent, globalLogPublisher
@@ -20,6 +19,7 @@ from twisted.web.resource import Resource
 from counterdb.peer_client import describe_failure
 from counterdb.replication import MAX_PUSH_BYTES, SyncSettings, backoff_delay
 from counterdb.store import MemoryStore
+from counterdb.testing import FAST, FakeNet, SimNode
 from counterdb.wire import MAX_BODY_BYTES
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
