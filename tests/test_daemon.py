@@ -387,6 +387,10 @@ def test_uid_gid_leave_every_data_file_to_that_user(foreground: bool) -> None:
         os.chown(base, uid, gid)
         base.chmod(0o755)
         node = Node.in_dir(base, "127.0.0.23", ["--uid", str(uid), "--gid", str(gid)])
+        if not foreground:
+            # A privileged port: bound in privilegedStartService, before
+            # twistd drops to --uid, as `--port 80 --uid nobody` needs.
+            node.port = 80
         node.twistd = twistd_for(uid, gid)
         with _reaping(f"{base}/"):
             if foreground:
