@@ -8,9 +8,11 @@ the unexpected (logged with the request it came from).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -24,10 +26,12 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from counterdb.actors import ConfigError
+from counterdb.auth import Secrets
 from counterdb.consistent import ConsistencyTimeout, ConsistentReads
 from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_name, validate_partials
 from counterdb.membership import Members
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
+from counterdb.ratelimit import RateLimitedLog
 from counterdb.replication import PeerLink, Replication
 from counterdb.wire import (
     DUPLICATED_REPLICA,
@@ -58,11 +62,57 @@ class ClientError(Exception):
         self.details = details  # more members of the JSON answer
 
 
+@attrs.frozen
+class Access:
+    """Who may call what. Without secrets, everyone may call everything."""
+
+    cluster: Secrets | None = None  # the private API: nodes and operators
+    api: Secrets | None = None  # the public counter API (the cluster secret works too)
+
+
+Handler = Callable[..., Any]
+
+
+def private(handler: Handler) -> Handler:
+    """A route for nodes and operators: it needs the cluster secret."""
+
+    @functools.wraps(handler)
+    def guarded(self: CounterAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        self._check_access(request, self.access.cluster, None, "the cluster secret")
+        return handler(self, request, *args, **kwargs)
+
+    guarded.access = "private"  # type: ignore[attr-defined]
+    return guarded
+
+
+def public(handler: Handler) -> Handler:
+    """A route for clients: it needs the API token, if the node has one."""
+
+    @functools.wraps(handler)
+    def guarded(self: CounterAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        self._check_access(request, self.access.api, self.access.cluster, "an API token")
+        return handler(self, request, *args, **kwargs)
+
+    guarded.access = "public"  # type: ignore[attr-defined]
+    return guarded
+
+
 class CounterAPI:
+    """The HTTP API. Every route is declared :func:`private` or :func:`public`."""
+
     app = Klein()
     log = Logger()
 
-    def __init__(self, node: Node, members: Members, replication: Replication, reads: ConsistentReads) -> None:
+    def __init__(
+        self,
+        node: Node,
+        members: Members,
+        replication: Replication,
+        reads: ConsistentReads,
+        access: Access = Access(),
+    ) -> None:
+        self.access = access
+        self._refusals = RateLimitedLog(self.log, node.clock)
         self.node = node
         self.members = members
         self.replication = replication
@@ -75,6 +125,7 @@ class CounterAPI:
     # -- cluster configuration ----------------------------------------------
 
     @app.route("/config", methods=["POST"])
+    @private
     def post_config(self, request: IRequest) -> Deferred[bytes]:
         body = _read_json(request)
         if not isinstance(body, dict) or "actors" not in body:
@@ -85,6 +136,7 @@ class CounterAPI:
         return d
 
     @app.route("/config", methods=["GET"])
+    @private
     def get_config(self, request: IRequest) -> bytes:
         membership = self.members.current
         info = membership.as_json() if membership else {"index": 0, "self": None, "actors": []}
@@ -92,6 +144,7 @@ class CounterAPI:
         return _json(request, info)
 
     @app.route("/status", methods=["GET"])
+    @private
     def status(self, request: IRequest) -> bytes:
         """This node's view: identity, size, running totals, and each peer."""
         membership = self.members.current
@@ -110,6 +163,7 @@ class CounterAPI:
     # -- counters ------------------------------------------------------------
 
     @app.route("/counter/<name>", methods=["POST"])
+    @public
     def increment(self, request: IRequest, name: str) -> Deferred[bytes]:
         name = _counter_name(name)
         key = _idempotency_key(request)
@@ -122,10 +176,12 @@ class CounterAPI:
         return d
 
     @app.route("/counter/<name>/value", methods=["GET"])
+    @public
     def value(self, request: IRequest, name: str) -> bytes:
         return _text(request, self.node.value(_counter_name(name)))
 
     @app.route("/counter/<name>/consistent_value", methods=["GET"])
+    @public
     def consistent_value(self, request: IRequest, name: str) -> Deferred[bytes]:
         name = _counter_name(name)
         timeout = _timeout_arg(request)
@@ -135,12 +191,14 @@ class CounterAPI:
         return d
 
     @app.route("/counter/<name>/getsync", methods=["GET"])
+    @private
     def getsync(self, request: IRequest, name: str) -> bytes:
         name = _counter_name(name)
         self._refuse_own_replica(request)
         return self._counter_state(request, name)
 
     @app.route("/counter/<name>/setsync", methods=["POST"])
+    @private
     def setsync(self, request: IRequest, name: str) -> bytes:
         name = _counter_name(name)
         self._refuse_own_replica(request)
@@ -163,6 +221,7 @@ class CounterAPI:
     # -- node-level sync (extension: what polls and pushes use) --------------
 
     @app.route("/sync", methods=["GET"])
+    @private
     def get_changes(self, request: IRequest) -> bytes:
         self._refuse_own_replica(request)
         since = _int_arg(request, b"since", 0, 0, 2**63)
@@ -171,6 +230,7 @@ class CounterAPI:
         return _json(request, self.node.changes_since(since, epoch, limit, MAX_PAGE_BYTES))
 
     @app.route("/sync", methods=["POST"])
+    @private
     def post_changes(self, request: IRequest) -> bytes:
         self._refuse_own_replica(request)
         body = _read_json(request)
@@ -182,6 +242,22 @@ class CounterAPI:
             raise ClientError(400, str(e)) from None
         grown = self.node.merge(counters)
         return _json(request, {"replica": self.node.replica_id, "merged": sum(len(p) for p in grown.values())})
+
+    def _check_access(self, request: IRequest, needed: Secrets | None, also: Secrets | None, what: str) -> None:
+        if needed is None:
+            return
+        authorization = request.getHeader(b"authorization")
+        if needed.accepts(authorization) or (also is not None and also.accepts(authorization)):
+            return
+        self._refusals.note(
+            "refused {method} {path} from {client}: no valid {what} ({count} refused in the last minute)",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            client=_client_of(request),
+            what=what,
+        )
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="counterdb"')
+        raise ClientError(401, f"this endpoint needs {what}: send Authorization: Bearer <secret>")
 
     def _refuse_own_replica(self, request: IRequest) -> None:
         """A peer that sends this node's own replica id (or one this node

@@ -64,6 +64,7 @@ class PeerClient:
         timeout: float,
         page_size: int,
         replica_id: Callable[[], str],
+        authorization: str | None = None,
     ) -> None:
         self.http = http
         self.base_url = base_url
@@ -71,9 +72,13 @@ class PeerClient:
         self.timeout = timeout
         self.page_size = page_size
         self._replica_id = replica_id
+        self._authorization = authorization  # "Bearer <cluster secret>": never logged
 
     def _headers(self) -> dict[str, list[str]]:
-        return {REPLICA_HEADER: [self._replica_id()]}
+        headers = {REPLICA_HEADER: [self._replica_id()]}
+        if self._authorization is not None:
+            headers["Authorization"] = [self._authorization]
+        return headers
 
     def get_changes(self, since: int, epoch: str | None) -> Deferred[Any]:
         params = {"since": str(since), "epoch": epoch or "", "limit": str(self.page_size)}

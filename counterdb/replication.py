@@ -118,6 +118,7 @@ class PeerLink:
         self._polling: Deferred[Any] | None = None
         self._poll_in_flight: Deferred[None] | None = None
         self._stopped = False
+        self._last_refusal: tuple[int, str] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -217,12 +218,16 @@ class PeerLink:
         """The peer is up but will not take (or give) this data: retrying
         the same request cannot help. Polling carries what it needs."""
         self.stats.refused += 1
-        self.note_reachable()
+        self._mark_up()
+        refusal = (error.code, error.reason)
+        repeated, self._last_refusal = refusal == self._last_refusal, refusal
         if error.code == 409:  # the peer saw our replica id answer from two places
             self.mark_conflict(f"it refuses this node: {error.reason}")
             if error.details.get("conflict") == SAME_REPLICA:
                 self.node.renew_identity(f"peer {self.entry} has it too")
             return
+        if repeated:
+            return  # logged when it started
         log.error(
             "peer {peer} refused {what} of {count} counters: {code} {reason}",
             peer=self.entry,
@@ -297,6 +302,11 @@ class PeerLink:
         self.conflict = reason
 
     def note_reachable(self) -> None:
+        """A successful exchange."""
+        self._last_refusal = None
+        self._mark_up()
+
+    def _mark_up(self) -> None:
         if self.reachable is not True:
             log.info("peer {peer} is reachable", peer=self.entry)
         self.reachable = True
@@ -322,9 +332,11 @@ class Replication:
         clock: IReactorTime,
         settings: SyncSettings = SyncSettings(),
         rng: random.Random | None = None,
+        authorization: str | None = None,
     ) -> None:
         self.node = node
         self.http = http
+        self.authorization = authorization  # sent to every peer
         self.clock = clock
         self.settings = settings
         self.rng = rng or random.Random()
@@ -358,7 +370,9 @@ class Replication:
 
     def _new_link(self, entry: str, url: str) -> PeerLink:
         s = self.settings
-        client = PeerClient(self.http, url, self.clock, s.peer_timeout, s.poll_batch, lambda: self.node.replica_id)
+        client = PeerClient(
+            self.http, url, self.clock, s.peer_timeout, s.poll_batch, lambda: self.node.replica_id, self.authorization
+        )
         link = PeerLink(self.node, entry, client, self.clock, s, self.rng, self._claim_replica)
         if self._running:
             link.start()

@@ -21,6 +21,7 @@ every service before the reactor serves the first request.
 from __future__ import annotations
 
 import gc
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from counterdb.actors import Actor, ConfigError
-from counterdb.api import CounterAPI, error_body
+from counterdb.api import Access, CounterAPI, error_body
 from counterdb.consistent import ConsistentReads
 from counterdb.membership import Identity, Members
 from counterdb.node import Node
@@ -60,6 +61,7 @@ class ServiceConfig:
     actors: list[str] | None = None
     sync: SyncSettings = SyncSettings()
     store: StoreSettings = StoreSettings()
+    access: Access = Access()
 
 
 class StartFailed(SystemExit, Exception):
@@ -231,7 +233,11 @@ class SyncService(Service):
             advertise=self.config.advertise,
         )
         members = Members(node, identity, run_blocking=deferToThread)
-        replication = Replication(node, http, self.reactor, self.config.sync)
+        secret = self.config.access.cluster
+        replication = Replication(
+            node, http, self.reactor, self.config.sync, authorization=secret.header if secret else None
+        )
+        _warn_if_open(address, self.config.access)
         members.on_change(lambda membership: replication.follow(membership, identity.listen_port))
         self._configure_at_start(members, node)
         replication.start()
@@ -320,7 +326,7 @@ class CounterDBService(MultiService):
             self.web.port.stopListening()
 
     def _serve(self, node: Node, parts: Syncing) -> None:
-        api = CounterAPI(node, parts.members, parts.replication, parts.reads)
+        api = CounterAPI(node, parts.members, parts.replication, parts.reads, self.config.access)
         self.site.resource = api.resource()
 
     # Shortcuts for tests and tools.
@@ -335,6 +341,22 @@ class CounterDBService(MultiService):
     @property
     def replication(self) -> Replication | None:
         return self.sync.parts.replication if self.sync.parts else None
+
+
+def _warn_if_open(address: IAddress, access: Access) -> None:
+    """Say it loudly when anyone on the network may rewrite this node."""
+    host = getattr(address, "host", "")
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if access.cluster is None and not loopback:
+        log.warn(
+            "WARNING: listening on {host} without --cluster-secret-file: anyone who can reach this port can "
+            "reconfigure this node and raise its counters for good through the private API "
+            "(see docs/security.md)",
+            host=host or "every address",
+        )
 
 
 def _open_store(config: ServiceConfig, reactor: Any) -> SqliteStore:

@@ -14,6 +14,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from counterdb.actors import ConfigError, parse_actor, parse_actors
+from counterdb.api import Access
+from counterdb.auth import SecretFileError, Secrets, load_secrets
 from counterdb.replication import SyncSettings
 from counterdb.service import CounterDBService, ServiceConfig
 from counterdb.store import DURABILITY, StoreSettings
@@ -76,6 +78,19 @@ class Options(usage.Options):
         ["backoff-initial", None, _DEFAULTS.backoff_initial, "First retry delay in seconds.", _seconds],
         ["backoff-max", None, _DEFAULTS.backoff_max, "Largest retry delay in seconds.", _seconds],
         ["peer-timeout", None, _DEFAULTS.peer_timeout, "Seconds before a peer request is abandoned.", _seconds],
+        [
+            "cluster-secret-file",
+            None,
+            None,
+            "File with the cluster's shared secret(s), one per line, mode 600: the private API then needs "
+            "'Authorization: Bearer <secret>', and peers send the first line.",
+        ],
+        [
+            "api-token-file",
+            None,
+            None,
+            "File with token(s) the public counter API then needs, one per line, mode 600.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -99,6 +114,18 @@ class Options(usage.Options):
                 self["actors"] = entries
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        self["access"] = self._access()
+
+    def _access(self) -> Access:
+        # Read now, before twistd drops privileges: a secret file may be
+        # readable by root only, like a TLS key.
+        try:
+            return Access(
+                cluster=_secrets(self["cluster-secret-file"]),
+                api=_secrets(self["api-token-file"]),
+            )
+        except SecretFileError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _endpoint_description(self) -> str:
         port = self["port"]
@@ -113,6 +140,10 @@ class Options(usage.Options):
                 "--interface goes with a plain --port number; put interface= in the endpoint instead"
             )
         return port
+
+
+def _secrets(path: str | None) -> Secrets | None:
+    return load_secrets(path) if path is not None else None
 
 
 def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBService:
@@ -133,5 +164,6 @@ def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBSer
         actors=options["actors"],
         sync=settings,
         store=StoreSettings(durability=options["durability"]),
+        access=options["access"],
     )
     return CounterDBService(config, reactor)

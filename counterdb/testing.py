@@ -32,7 +32,7 @@ from twisted.web.pages import errorPage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from counterdb.api import CounterAPI
+from counterdb.api import Access, CounterAPI
 from counterdb.consistent import ConsistentReads
 from counterdb.membership import Identity, Members
 from counterdb.node import Node
@@ -93,21 +93,24 @@ class SimNode:
 
 
 class FakeNet:
-    def __init__(self, settings: SyncSettings = FAST) -> None:
+    def __init__(self, settings: SyncSettings = FAST, access: Access | None = None) -> None:
         self.clock = Clock()
         self.router = Router(self.clock)
         self.http = StubTreq(self.router)
         self.settings = settings
+        self.access = access or Access()  # every node's, unless add() is given another
         self.nodes: dict[str, SimNode] = {}
 
-    def add(self, host: str, store: Store | None = None, start: bool = True) -> SimNode:
+    def add(self, host: str, store: Store | None = None, start: bool = True, access: Access | None = None) -> SimNode:
         store = store or MemoryStore()
         node = Node(store, self.clock)
         members = Members(node, Identity(listen_port=PORT, interface=host), resolve=lambda h: {h})
-        replication = Replication(node, self.http, self.clock, self.settings)
+        access = access or self.access
+        secret = access.cluster.header if access.cluster else None
+        replication = Replication(node, self.http, self.clock, self.settings, authorization=secret)
         members.on_change(lambda membership: replication.follow(membership, PORT))
         reads = ConsistentReads(node, replication, self.clock)
-        api = CounterAPI(node, members, replication, reads)
+        api = CounterAPI(node, members, replication, reads, access)
         self.router.hosts[host] = api.resource()
         self.router.state[host] = "up"
         if start:
@@ -164,18 +167,20 @@ class FakeNet:
         """When requests to ``host`` whose URI starts with ``prefix`` arrived."""
         return [t for t, h, m, uri in self.router.seen if h == host and m == method and uri.startswith(prefix)]
 
-    def request(self, method: str, host: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, bytes]:
+    def response(self, method: str, host: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        """The treq response to a request (``body``: bytes, str or JSON)."""
         if body is not None and not isinstance(body, (bytes, str)):
             body = json.dumps(body)
         if isinstance(body, str):
             body = body.encode()
-        d = self.http.request(method, f"http://{host}:{PORT}{path}", data=body, **kwargs)
-        response = self.result(d)
-        content = self.result(response.content())
-        return response.code, content
+        return self.result(self.http.request(method, f"http://{host}:{PORT}{path}", data=body, **kwargs))
 
-    def increment(self, host: str, name: str, body: Any = None) -> int:
-        code, content = self.request("POST", host, f"/counter/{quote(name, safe='')}", body)
+    def request(self, method: str, host: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, bytes]:
+        response = self.response(method, host, path, body, **kwargs)
+        return response.code, self.result(response.content())
+
+    def increment(self, host: str, name: str, body: Any = None, **kwargs: Any) -> int:
+        code, content = self.request("POST", host, f"/counter/{quote(name, safe='')}", body, **kwargs)
         assert code == 200, content
         return int(content)
 

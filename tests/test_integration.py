@@ -18,9 +18,29 @@ from urllib.parse import quote
 import pytest
 
 try:
-    from nodes import CONVERGE, FAST, HOSTS, NodeCluster, NodeProcess, configured_cluster, is_timeout
+    from nodes import (
+        CONVERGE,
+        FAST,
+        HOSTS,
+        NODE_ARGS,
+        NodeCluster,
+        NodeProcess,
+        configured_cluster,
+        is_timeout,
+        running_cluster,
+    )
 except ImportError:  # tests/ became a package
-    from tests.nodes import CONVERGE, FAST, HOSTS, NodeCluster, NodeProcess, configured_cluster, is_timeout
+    from tests.nodes import (
+        CONVERGE,
+        FAST,
+        HOSTS,
+        NODE_ARGS,
+        NodeCluster,
+        NodeProcess,
+        configured_cluster,
+        is_timeout,
+        running_cluster,
+    )
 
 
 @pytest.fixture
@@ -185,3 +205,25 @@ def test_killed_node_leaves_the_others_working(cluster: NodeCluster) -> None:
         assert body["missing"] == [c.host] and body["best_value"] == total, cluster.explain(
             f"504 body on {node}: {body!r}, expected best_value {total}"
         )
+
+
+def test_a_cluster_with_a_secret_syncs_and_refuses_whoever_lacks_it(tmp_path: Path) -> None:
+    """Real twistd nodes started with --cluster-secret-file: the peers send
+    the secret to each other (so they converge), and a client without it
+    can neither reconfigure a node nor forge a partial."""
+    secret = "0123456789abcdef" * 4
+    secret_file = tmp_path / "cluster-secret"
+    secret_file.write_text(secret + "\n")
+    secret_file.chmod(0o600)
+    auth = {"Authorization": f"Bearer {secret}"}
+    args = [*NODE_ARGS, "--cluster-secret-file", str(secret_file), "--actors", ",".join(HOSTS)]
+    with running_cluster(tmp_path / "cluster", HOSTS, args=args) as cluster:
+        a, b, c = cluster
+        assert a.request("POST", "/counter/guarded", "4").status == 200  # the public API stays open
+        cluster.wait_until(lambda: c.value("guarded") == 4, CONVERGE, "the secret cluster converges")
+        refused = b.request("POST", "/counter/guarded/setsync", json.dumps({"partials": {"forged": 10**12}}))
+        assert refused.status == 401, refused
+        assert b.request("POST", "/config", json.dumps({"actors": [b.host]})).status == 401
+        assert b.request("GET", "/config", headers=auth).json()["actors"] == HOSTS
+        assert all(node.value("guarded") == 4 for node in cluster)
+        assert secret not in cluster.logs()

@@ -10,10 +10,14 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.application.service import IServiceCollection
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 
-from counterdb.service import CounterDBService
+from counterdb.api import Access
+from counterdb.auth import Secrets
+from counterdb.service import CounterDBService, _warn_if_open
 from counterdb.tap import Options, makeService
 
 
@@ -205,3 +209,32 @@ async def test_a_restarted_node_is_configured_before_it_serves(tmp_path: Path) -
         assert list(restarted.replication.links) == [f"http://127.0.0.10:{restarted.web.port.getHost().port}"]
     finally:
         await restarted.stopService()
+
+
+def test_a_cluster_secret_file_is_read_at_parse_time_and_checked(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("a" * 32 + "\n")
+    secret.chmod(0o600)
+    options = parse("--cluster-secret-file", str(secret))
+    assert options["access"].cluster.header == "Bearer " + "a" * 32
+    assert options["access"].api is None
+    secret.chmod(0o644)
+    with pytest.raises(UsageError, match="chmod 600"):
+        parse("--cluster-secret-file", str(secret))
+    with pytest.raises(UsageError, match="cannot read"):
+        parse("--api-token-file", str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    "host, secret, warned",
+    [("0.0.0.0", False, True), ("10.0.0.5", False, True), ("127.0.0.9", False, False), ("0.0.0.0", True, False)],
+)
+def test_a_node_open_to_the_network_without_a_secret_warns_loudly(host: str, secret: bool, warned: bool) -> None:
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        cluster = Secrets((b"a" * 32,), "test") if secret else None
+        _warn_if_open(IPv4Address("TCP", host, 8080), Access(cluster=cluster))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("without --cluster-secret-file" in formatEvent(e) for e in events) == warned

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import attrs
 
+from counterdb.auth import load_secrets
 from counterdb.localcluster import network, processes
 from counterdb.localcluster.processes import (
     HTTP_TIMEOUT,
@@ -261,7 +262,7 @@ class LocalCluster:
     def _post_actors(self) -> None:
         body = json.dumps({"actors": self.actors}).encode()
         for node in self._require_state().nodes:
-            code, answer = processes.http("POST", self._url(node) + "/config", body, HTTP_TIMEOUT)
+            code, answer = processes.http("POST", self._url(node) + "/config", body, HTTP_TIMEOUT, self.auth_headers)
             if code != 200:
                 raise ClusterError(f"POST /config to {node.name} answered {code}: {answer[:300]!r}")
 
@@ -447,7 +448,7 @@ class LocalCluster:
         replica = None
         if run_state == RUNNING:
             with contextlib.suppress(OSError, ValueError, KeyError):
-                code, body = processes.http("GET", self._url(node) + "/config", None, http_timeout)
+                code, body = processes.http("GET", self._url(node) + "/config", None, http_timeout, self.auth_headers)
                 if code == 200:
                     replica = json.loads(body)["replica"]
         pid = node.pid if run_state != STOPPED else None
@@ -607,6 +608,19 @@ class LocalCluster:
             log.warning("%s %s", node.name, problem)
             self.shutdown_problems[node.name] = problem
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What the tool sends to the private API: the cluster secret, when
+        the nodes run with ``--cluster-secret-file``."""
+        args = self.node_args
+        for i, arg in enumerate(args):
+            path = args[i + 1] if arg == "--cluster-secret-file" and i + 1 < len(args) else None
+            if arg.startswith("--cluster-secret-file="):
+                path = arg.split("=", 1)[1]
+            if path is not None:
+                return {"Authorization": load_secrets(path).header}
+        return {}
+
     def _wait_ready(self, nodes: Sequence[NodeRecord], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for node in nodes:
@@ -616,7 +630,9 @@ class LocalCluster:
             def listening(path: Path = log_path) -> bool:
                 return LISTENING in self._processes.log_since_start(path)
 
-            last = processes.wait_answering(url, deadline, lambda n=node: self._check_starting(n), listening)
+            last = processes.wait_answering(
+                url, deadline, lambda n=node: self._check_starting(n), listening, self.auth_headers
+            )
             if last is not None:
                 raise ClusterError(
                     f"{node.name} did not answer {url} within {timeout:g} s (last: {last})\n{self.log_tail(node.name)}"

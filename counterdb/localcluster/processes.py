@@ -229,9 +229,11 @@ def _child_env() -> dict[str, str]:
 # -- readiness ------------------------------------------------------------------------
 
 
-def http(method: str, url: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+def http(
+    method: str, url: str, body: bytes | None, timeout: float, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """(status, body) of one request; network failures raise OSError."""
-    request = urllib.request.Request(url, data=body, method=method)
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     if body is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -242,7 +244,13 @@ def http(method: str, url: str, body: bytes | None, timeout: float) -> tuple[int
             return e.code, e.read()
 
 
-def wait_answering(url: str, deadline: float, check: Callable[[], None], listening: Callable[[], bool]) -> str | None:
+def wait_answering(
+    url: str,
+    deadline: float,
+    check: Callable[[], None],
+    listening: Callable[[], bool],
+    headers: dict[str, str] | None = None,
+) -> str | None:
     """Poll ``GET url`` until it answers 200 (then None) or the deadline
     passed (then what went wrong last). Before each try, ``check()`` raises
     if the node can no longer come up; only once ``listening()`` do answers
@@ -256,7 +264,7 @@ def wait_answering(url: str, deadline: float, check: Callable[[], None], listeni
             last = "no 'counterdb listening on' in its log yet"
         else:
             try:
-                code, _ = http("GET", url, None, 1.0)
+                code, _ = http("GET", url, None, 1.0, headers)
                 if code == 200:
                     return None
                 last = f"status {code}"
