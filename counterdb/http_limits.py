@@ -297,10 +297,12 @@ class GuardedChannel(HTTPChannel):
 
 
 class _Overloaded(Protocol):
-    """A connection past the cap: answered 503 and closed without reading
-    anything. One small write costs less than the file descriptor it frees;
-    a client that sends its request first may see a reset instead of the 503
-    (the kernel resets a socket closed with unread data)."""
+    """A connection past the cap: answered 503 and closed at once, without
+    reading anything. One small write into an empty socket buffer costs less
+    than keeping the descriptor to read the request; the price is that a
+    client whose request is still unread when the socket closes gets a reset
+    after the 503, which some stacks report before the answer (Linux clients
+    read the 503 first)."""
 
     def __init__(self, site: GuardedSite) -> None:
         self.site = site
@@ -316,7 +318,9 @@ class _Overloaded(Protocol):
 
 class GuardedSite(Site):
     """A Site whose channels enforce :class:`HTTPLimits`. Subclass it, or
-    pass ``limits=`` for other values than the defaults."""
+    pass ``limits=`` for other values than the defaults. A ``requestFactory``
+    of your own must subclass :class:`GuardedRequest`, which counts chunked
+    bodies."""
 
     protocol = GuardedChannel  # type: ignore[assignment]
     requestFactory = GuardedRequest
