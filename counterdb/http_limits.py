@@ -15,8 +15,9 @@ HTTP/1.1 channel and Site.
   restarts, which is what let slow clients hold connections forever). A
   body must then arrive within ``body_timeout``.
 - **Connection cap.** At most ``max_connections`` connections are served at
-  once; each one past that is answered 503 and closed at once, without
-  reading from it, so the process never runs out of file descriptors.
+  once; each one past that is answered 503 (over TLS: closed unanswered)
+  and closed at once, without reading from it, so the process never runs
+  out of file descriptors.
 
 Every refusal is one JSON ``{"error": "..."}`` answer with
 ``Connection: close``, and one log line per kind per ``log_interval`` at
@@ -30,8 +31,8 @@ import resource
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
@@ -297,23 +298,41 @@ class GuardedChannel(HTTPChannel):
 
 
 class _Overloaded(Protocol):
-    """A connection past the cap: answered 503 and closed at once, without
-    reading anything. One small write into an empty socket buffer costs less
-    than keeping the descriptor to read the request; the price is that a
-    client whose request is still unread when the socket closes gets a reset
-    after the 503, which some stacks report before the answer (Linux clients
-    read the 503 first)."""
+    """A connection past the cap, never read from.
+
+    Over plain TCP it is answered 503 and closed: one small write into an
+    empty socket buffer costs less than keeping the descriptor to read the
+    request. The price is that a client whose request is still unread when
+    the socket closes gets a reset after the 503, which some stacks report
+    before the answer (Linux clients read the 503 first).
+
+    Over TLS it is closed at once, unanswered: the answer would first cost a
+    whole handshake, and a client that never finishes it would keep the
+    descriptor.
+    """
+
+    _abort: IDelayedCall | None = None
 
     def __init__(self, site: GuardedSite) -> None:
         self.site = site
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        limit = self.site.limits.max_connections
-        message = f"the node is serving its maximum of {limit} connections; try again shortly"
+        limits = self.site.limits
+        message = f"the node is serving its maximum of {limits.max_connections} connections; try again shortly"
         self.site.refused("connections", message, self.transport.getPeer())
+        if ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()
+            return
         self.transport.write(error_response(503, message))
         self.transport.loseConnection()
+        # A client that does not read even this much is not waited for.
+        self._abort = self.site.reactor.callLater(limits.abort_timeout, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
 
 
 class GuardedSite(Site):

@@ -19,7 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.internet.testing import StringTransport
@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from counterdb.http_limits import (
     GuardedChannel,
@@ -335,6 +336,41 @@ def test_connections_past_the_cap_are_answered_503_and_slots_are_freed() -> None
     fourth.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse(transport.value())[0] == 200
     assert site.refusals == {"connections": 1}
+
+
+@implementer(ISSLTransport)
+class TLSStringTransport(StringTransport):
+    def getPeerCertificate(self) -> None:
+        return None
+
+
+def test_over_tls_connections_past_the_cap_are_closed_unanswered() -> None:
+    # Answering would first cost a TLS handshake, which a client may never finish.
+    site = make_site(Clock(), max_connections=1)
+    connect(site)
+    excess = site.buildProtocol(PEER)
+    transport = TLSStringTransport(peerAddress=PEER)
+    excess.makeConnection(transport)
+    assert transport.disconnected  # aborted
+    assert transport.value() == b""
+    assert site.refusals == {"connections": 1}
+
+
+def test_a_503_that_is_never_read_does_not_keep_its_connection() -> None:
+    clock = Clock()
+    site = make_site(clock, max_connections=1, abort_timeout=5.0)
+    connect(site)
+    excess, transport = connect(site)
+    assert transport.disconnecting and not transport.disconnected
+    clock.advance(5.0)
+    assert transport.disconnected
+    excess.connectionLost(Failure(ConnectionDone()))
+    # One that closes normally leaves no timer behind.
+    before = len(clock.getDelayedCalls())
+    closing, _ = connect(site)
+    assert len(clock.getDelayedCalls()) == before + 1
+    closing.connectionLost(Failure(ConnectionDone()))
+    assert len(clock.getDelayedCalls()) == before
 
 
 @pytest.mark.parametrize(
