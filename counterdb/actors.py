@@ -38,11 +38,11 @@ class Actor:
     def address(self, default_port: int) -> tuple[str, int]:
         return self.host, self.port if self.port is not None else default_port
 
-    def base_url(self, default_port: int) -> str:
+    def base_url(self, default_port: int, scheme: str = "http") -> str:
         host, port = self.address(default_port)
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{port}"
+        return f"{scheme}://{host}:{port}"
 
 
 def parse_actor(entry: Any) -> Actor:

@@ -37,9 +37,11 @@ class Membership:
     actors: tuple[Actor, ...]
     self_index: int
 
-    def peers(self, listen_port: int) -> dict[str, Actor]:
+    def peers(self, listen_port: int, scheme: str = "http") -> dict[str, Actor]:
         """Every actor but this node, keyed by base URL."""
-        return {actor.base_url(listen_port): actor for i, actor in enumerate(self.actors) if i != self.self_index}
+        return {
+            actor.base_url(listen_port, scheme): actor for i, actor in enumerate(self.actors) if i != self.self_index
+        }
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -333,9 +333,11 @@ class Replication:
         settings: SyncSettings = SyncSettings(),
         rng: random.Random | None = None,
         authorization: str | None = None,
+        scheme: str = "http",
     ) -> None:
         self.node = node
         self.http = http
+        self.scheme = scheme  # "https" when the cluster speaks TLS
         self.authorization = authorization  # sent to every peer
         self.clock = clock
         self.settings = settings
@@ -357,7 +359,7 @@ class Replication:
 
     def follow(self, membership: Membership, listen_port: int) -> None:
         """Have exactly one link per peer of ``membership``."""
-        wanted = membership.peers(listen_port)
+        wanted = membership.peers(listen_port, self.scheme)
         for url in list(self.links):
             if url not in wanted:
                 self.links.pop(url).stop()

@@ -32,10 +32,11 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -46,6 +47,7 @@ from counterdb.membership import Identity, Members
 from counterdb.node import Node
 from counterdb.replication import Replication, SyncSettings
 from counterdb.store import SqliteStore, Store, StoreError, StoreSettings
+from counterdb.tls import TLSConfig
 
 log = Logger()
 
@@ -62,6 +64,7 @@ class ServiceConfig:
     sync: SyncSettings = SyncSettings()
     store: StoreSettings = StoreSettings()
     access: Access = Access()
+    tls: TLSConfig | None = None
 
 
 class StartFailed(SystemExit, Exception):
@@ -157,7 +160,7 @@ class ListeningService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, description: str, reactor: Any, factory: Site) -> None:
+    def __init__(self, description: str, reactor: Any, factory: Factory) -> None:
         super().__init__(serverFromString(reactor, description), factory)
         self.description = description
         self.port: IListeningPort | None = None
@@ -226,7 +229,14 @@ class SyncService(Service):
         _raise_now(d)
 
     def _start(self, node: Node, address: IAddress) -> None:
-        http = HTTPClient(Agent(self.reactor, pool=self.pool, connectTimeout=self.config.sync.peer_timeout))
+        tls = self.config.tls
+        agent = Agent(
+            self.reactor,
+            contextFactory=tls.peer_policy() if tls else BrowserLikePolicyForHTTPS(),
+            pool=self.pool,
+            connectTimeout=self.config.sync.peer_timeout,
+        )
+        http = HTTPClient(agent)
         identity = Identity(
             listen_port=address.port,  # type: ignore[attr-defined]
             interface=getattr(address, "host", None),
@@ -235,7 +245,12 @@ class SyncService(Service):
         members = Members(node, identity, run_blocking=deferToThread)
         secret = self.config.access.cluster
         replication = Replication(
-            node, http, self.reactor, self.config.sync, authorization=secret.header if secret else None
+            node,
+            http,
+            self.reactor,
+            self.config.sync,
+            authorization=secret.header if secret else None,
+            scheme="https" if tls else "http",
         )
         _warn_if_open(address, self.config.access)
         members.on_change(lambda membership: replication.follow(membership, identity.listen_port))
@@ -297,7 +312,8 @@ class CounterDBService(MultiService):
         self.config = config
         self.site = CounterDBSite(_Starting())
         self.storage = StoreService(lambda: store or _open_store(config, reactor), reactor)
-        self.web = ListeningService(config.endpoint, reactor, self.site)
+        factory = config.tls.wrap(self.site) if config.tls else self.site
+        self.web = ListeningService(config.endpoint, reactor, factory)
         self.sync = SyncService(config, reactor, self.storage.when_ready, self.web.when_listening)
         for service in (self.storage, self.web, self.sync):
             service.setServiceParent(self)

@@ -19,6 +19,7 @@ from counterdb.auth import SecretFileError, Secrets, load_secrets
 from counterdb.replication import SyncSettings
 from counterdb.service import CounterDBService, ServiceConfig
 from counterdb.store import DURABILITY, StoreSettings
+from counterdb.tls import TLSConfig, TLSFileError, load_tls
 
 _DEFAULTS = SyncSettings()
 
@@ -91,6 +92,16 @@ class Options(usage.Options):
             None,
             "File with token(s) the public counter API then needs, one per line, mode 600.",
         ],
+        ["tls-cert", None, None, "This node's certificate (PEM): serve over TLS and reach peers over https."],
+        ["tls-key", None, None, "The private key of --tls-cert (PEM)."],
+        ["tls-ca", None, None, "The CA certificate (PEM) that every peer's certificate must come from."],
+    ]
+    optFlags = [
+        [
+            "tls-require-client-cert",
+            None,
+            "Refuse connections without a client certificate from --tls-ca (mutual TLS).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -115,6 +126,20 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         self["access"] = self._access()
+        self["tls"] = self._tls()
+
+    def _tls(self) -> TLSConfig | None:
+        files = [self["tls-cert"], self["tls-key"], self["tls-ca"]]
+        if not any(files):
+            if self["tls-require-client-cert"]:
+                raise usage.UsageError("--tls-require-client-cert needs --tls-cert, --tls-key and --tls-ca")
+            return None
+        if not all(files):
+            raise usage.UsageError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+        try:  # now, while twistd may still read root-only keys
+            return load_tls(*files, require_client_cert=bool(self["tls-require-client-cert"]))
+        except TLSFileError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _access(self) -> Access:
         # Read now, before twistd drops privileges: a secret file may be
@@ -165,5 +190,6 @@ def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBSer
         sync=settings,
         store=StoreSettings(durability=options["durability"]),
         access=options["access"],
+        tls=options["tls"],
     )
     return CounterDBService(config, reactor)
