@@ -16,6 +16,10 @@ from typing import Any
 import attrs
 
 WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+#: Most hosts in one actors list: each is polled every interval by every
+#: other, so the sync traffic grows with the square of the list.
+MAX_ACTORS = 64
+
 _PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() also takes "²" and "٨"
 # What the C library reads as an IPv4 address: 1 to 4 numbers, decimal,
 # octal (leading 0) or hex (0x), joined by dots ("2130706434", "127.1").
@@ -67,6 +71,8 @@ def parse_actors(actors: Any, default_port: int) -> list[Actor]:
         raise ConfigError('"actors" must be a list of "HOST" or "HOST:PORT" strings')
     if not actors:
         raise ConfigError('"actors" must not be empty')
+    if len(actors) > MAX_ACTORS:
+        raise ConfigError(f'"actors" may list at most {MAX_ACTORS} hosts, got {len(actors)}')
     parsed = [parse_actor(entry) for entry in actors]
     seen: dict[tuple[str, int], str] = {}
     for actor in parsed:

@@ -27,10 +27,10 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from counterdb.actors import ConfigError
 from counterdb.auth import Secrets
-from counterdb.consistent import ConsistencyTimeout, ConsistentReads
+from counterdb.consistent import ConsistencyTimeout, ConsistentReads, TooManyReads
 from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_name, validate_partials
 from counterdb.membership import Members
-from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable
+from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable, TableFull
 from counterdb.ratelimit import RateLimitedLog
 from counterdb.replication import PeerLink, Replication
 from counterdb.wire import (
@@ -50,6 +50,9 @@ MAX_IDEMPOTENCY_KEY = 255
 #: Largest number of counters one GET /sync answer may be asked for: a page
 #: of this many (or 1 MiB of JSON) costs about 10 ms of one reactor turn.
 MAX_SYNC_LIMIT = 5_000
+#: Most counters one POST /sync may carry (a node's pushes stay far below:
+#: they are capped at 512 KiB).
+MAX_SYNC_COUNTERS = 10_000
 
 
 class ClientError(Exception):
@@ -112,12 +115,11 @@ class CounterAPI:
         access: Access = Access(),
     ) -> None:
         self.access = access
-        self._refusals = RateLimitedLog(self.log, node.clock)
+        self._refusals = RateLimitedLog(node.clock, 60.0, self.log)
         self.node = node
         self.members = members
         self.replication = replication
         self.reads = reads
-        self._conflict_logged_at = -math.inf
 
     def resource(self) -> IResource:
         return _Utf8PathGuard(self.app.resource())
@@ -211,7 +213,7 @@ class CounterAPI:
             partials = validate_partials(body["partials"])
         except InvalidState as e:
             raise ClientError(400, str(e)) from None
-        self.node.merge({name: partials})
+        self.node.merge({name: partials}, all_or_nothing=True)
         return self._counter_state(request, name)
 
     def _counter_state(self, request: IRequest, name: str) -> bytes:
@@ -236,11 +238,13 @@ class CounterAPI:
         body = _read_json(request)
         if not isinstance(body, dict) or "counters" not in body:
             raise ClientError(400, 'expected a JSON object like {"counters": {"<name>": {"<replica id>": 5}}}')
+        if isinstance(body["counters"], dict) and len(body["counters"]) > MAX_SYNC_COUNTERS:
+            raise ClientError(413, f"a push may carry at most {MAX_SYNC_COUNTERS} counters")
         try:
             counters = validate_counters(body["counters"])
         except InvalidState as e:
             raise ClientError(400, str(e)) from None
-        grown = self.node.merge(counters)
+        grown = self.node.merge(counters, all_or_nothing=True)
         return _json(request, {"replica": self.node.replica_id, "merged": sum(len(p) for p in grown.values())})
 
     def _check_access(self, request: IRequest, needed: Secrets | None, also: Secrets | None, what: str) -> None:
@@ -249,13 +253,8 @@ class CounterAPI:
         authorization = request.getHeader(b"authorization")
         if needed.accepts(authorization) or (also is not None and also.accepts(authorization)):
             return
-        self._refusals.note(
-            "refused {method} {path} from {client}: no valid {what} ({count} refused in the last minute)",
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1")[:200],
-            client=_client_of(request),
-            what=what,
-        )
+        method, path = request.method.decode("latin-1"), request.path.decode("latin-1")[:200]
+        self._refusals.event("unauthorized", f"{method} {path} without a valid {what}", _client_of(request))
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="counterdb"')
         raise ClientError(401, f"this endpoint needs {what}: send Authorization: Bearer <secret>")
 
@@ -284,21 +283,20 @@ class CounterAPI:
             )
 
     def _log_shared_replica(self, request: IRequest, replica: str) -> None:
-        now = self.node.clock.seconds()
-        if now - self._conflict_logged_at >= 60:  # at most once a minute
-            self._conflict_logged_at = now
-            self.log.error(
-                "refusing sync from {client}: it sends replica id {replica}, which is (or was) this node's own; "
-                "one of the two was started from a copy of the other's data dir (see docs/operations.md)",
-                client=_client_of(request),
-                replica=replica,
-            )
+        self._refusals.event(
+            "shared replica id",
+            f"sync that sends replica id {replica}, which is (or was) this node's own: one of the two was started "
+            "from a copy of the other's data dir (see docs/operations.md)",
+            _client_of(request),
+        )
 
     # -- errors --------------------------------------------------------------
 
     @app.handle_errors(Exception)
     def error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
+        if isinstance(error, (TableFull, TooManyReads)):
+            return error_body(request, 507 if isinstance(error, TableFull) else 503, str(error))
         if isinstance(error, ClientError):
             return error_body(request, error.code, error.message, **error.details)
         if isinstance(error, NotFound):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
@@ -29,13 +29,25 @@ class ConsistencyTimeout(Exception):
         self.value = value
 
 
+class TooManyReads(RuntimeError):
+    """As many consistent reads wait as this node allows; try again later."""
+
+
+#: Consistent reads one node keeps waiting at once: each holds a request and
+#: a fetch per peer, and without a deadline it waits as long as a peer is away.
+MAX_PENDING_READS = 1000
+
+
 class ConsistentReads:
     """Runs consistent reads over the links of :class:`Replication`."""
 
-    def __init__(self, node: Node, replication: Replication, clock: IReactorTime) -> None:
+    def __init__(
+        self, node: Node, replication: Replication, clock: IReactorTime, max_pending: int = MAX_PENDING_READS
+    ) -> None:
         self.node = node
         self.replication = replication
         self.clock = clock
+        self.max_pending = max_pending
         self._reads: set[Deferred[int]] = set()
 
     def value(self, name: str, timeout: float | None) -> Deferred[int]:
@@ -43,8 +55,11 @@ class ConsistentReads:
 
         Includes every increment acknowledged by any host before the call.
         Without ``timeout`` it waits as long as it takes; cancelling the
-        returned Deferred cancels every fetch.
+        returned Deferred cancels every fetch. Fails with
+        :class:`TooManyReads` when ``max_pending`` reads already wait.
         """
+        if len(self._reads) >= self.max_pending:
+            return fail(TooManyReads(f"{self.max_pending} consistent reads are waiting already; try again later"))
         read = Deferred.fromCoroutine(self._read(name, timeout))
         self._reads.add(read)
         read.addBoth(lambda result: (self._reads.discard(read), result)[1])

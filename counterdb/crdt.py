@@ -130,6 +130,9 @@ class CounterTable:
     def __len__(self) -> int:
         return len(self._counters)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._counters
+
     def partials(self, name: str) -> Partials:
         """A copy of the state of ``name`` (empty if nobody incremented it)."""
         return dict(self._counters.get(name, {}))

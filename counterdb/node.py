@@ -33,6 +33,10 @@ class Overflow(ValueError):
     """The increment would take this node's partial above :data:`MAX_COUNT`."""
 
 
+class TableFull(RuntimeError):
+    """The node holds ``--max-counters`` counters and refuses new names."""
+
+
 class StoreUnavailable(RuntimeError):
     """The store could not make an increment durable; nothing was counted."""
 
@@ -80,8 +84,10 @@ class Node:
         clock: IReactorTime | None = None,
         idempotency_window: float = IDEMPOTENCY_WINDOW,
         idempotency_max_keys: int = IDEMPOTENCY_MAX_KEYS,
+        max_counters: int | None = None,
     ) -> None:
         self.store = store
+        self.max_counters = max_counters  # refuse new names past this many
         self.clock = clock or _WallClock()
         self.idempotency_window = idempotency_window
         self.idempotency_max_keys = idempotency_max_keys
@@ -168,12 +174,17 @@ class Node:
             self._commit_next_batch()
         return waiter
 
-    def merge(self, counters: dict[str, Partials]) -> dict[str, Partials]:
+    def merge(self, counters: dict[str, Partials], all_or_nothing: bool = False) -> dict[str, Partials]:
         """Merge partials learnt from elsewhere; return the entries that grew.
 
         This node's own partial is left out: it only ever grows through this
         node's durable increments, so no peer or client can inflate it (or
-        claim this node's replica id from another place)."""
+        claim this node's replica id from another place).
+
+        Past ``max_counters``, new names are refused: with ``all_or_nothing``
+        the whole merge fails with :class:`TableFull` (a request answered
+        507), else only the new names are left out (a poll)."""
+        counters = self._within_capacity(counters, all_or_nothing)
         grown: dict[str, Partials] = {}
         own = self.replica_id
         for name, partials in counters.items():
@@ -185,6 +196,24 @@ class Node:
         if grown and self._stopping is None:
             self.store.write_peers(grown)
         return grown
+
+    def _within_capacity(self, counters: dict[str, Partials], all_or_nothing: bool) -> dict[str, Partials]:
+        if self.max_counters is None:
+            return counters
+        room = self.max_counters - len(self.table)
+        new = [name for name in counters if name not in self.table]
+        if len(new) <= room:
+            return counters
+        if all_or_nothing:
+            raise TableFull(self._full_message(len(new)))
+        refused = set(new[max(room, 0) :])
+        self.log.warn("{message}; left out of a merge", message=self._full_message(len(refused)))
+        return {name: partials for name, partials in counters.items() if name not in refused}
+
+    def _full_message(self, count: int) -> str:
+        return (
+            f"this node holds {len(self.table)} counters, its --max-counters limit: {count} new counter name(s) refused"
+        )
 
     # -- shutdown --------------------------------------------------------------
 
@@ -325,7 +354,13 @@ class Node:
     def _apply_batch(self, batch: list[_PendingIncrement]) -> dict[str, int]:
         """New absolute own partials for ``batch``; refuses overflowing ones."""
         own: dict[str, int] = {}
+        new_names = 0
         for pending in batch:
+            if self.max_counters is not None and pending.name not in self.table and pending.name not in own:
+                if len(self.table) + new_names >= self.max_counters:
+                    self._fail(pending, TableFull(self._full_message(1)))
+                    continue
+                new_names += 1
             mine = own.get(pending.name, self.table.partial(pending.name, self.replica_id))
             others = self.table.value(pending.name) - self.table.partial(pending.name, self.replica_id)
             # Only this node's own partial is bounded, so the check needs

@@ -38,11 +38,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from counterdb.actors import Actor, ConfigError
 from counterdb.api import Access, CounterAPI, error_body
 from counterdb.consistent import ConsistentReads
+from counterdb.http_limits import GuardedSite
 from counterdb.membership import Identity, Members
 from counterdb.node import Node
 from counterdb.replication import Replication, SyncSettings
@@ -65,6 +65,7 @@ class ServiceConfig:
     store: StoreSettings = StoreSettings()
     access: Access = Access()
     tls: TLSConfig | None = None
+    max_counters: int | None = None
 
 
 class StartFailed(SystemExit, Exception):
@@ -116,9 +117,10 @@ def _raise_now(d: Deferred[Any]) -> None:
 class StoreService(Service):
     """Owns the data dir and the node loaded from it."""
 
-    def __init__(self, open_store: Callable[[], Store], clock: Any) -> None:
+    def __init__(self, open_store: Callable[[], Store], clock: Any, max_counters: int | None = None) -> None:
         self._open_store = open_store
         self.clock = clock
+        self.max_counters = max_counters
         self.store: Store | None = None
         self.node: Node | None = None
         self._ready = _Waiters()
@@ -130,7 +132,7 @@ class StoreService(Service):
         super().startService()
         self.store = self._open_store()
         try:
-            self.node = Node(self.store, self.clock)
+            self.node = Node(self.store, self.clock, max_counters=self.max_counters)
         except BaseException:
             self.store.close()
             raise
@@ -279,7 +281,7 @@ class SyncService(Service):
         return DeferredList(stopping)
 
 
-class CounterDBSite(Site):
+class CounterDBSite(GuardedSite):
     """A Site that leaves node-to-node sync (``/sync``, every poll interval
     per peer) out of the access log, so the log shows what clients did.
     Request bodies are never parsed as forms: every endpoint reads JSON or
@@ -311,7 +313,7 @@ class CounterDBService(MultiService):
         super().__init__()
         self.config = config
         self.site = CounterDBSite(_Starting())
-        self.storage = StoreService(lambda: store or _open_store(config, reactor), reactor)
+        self.storage = StoreService(lambda: store or _open_store(config, reactor), reactor, config.max_counters)
         factory = config.tls.wrap(self.site) if config.tls else self.site
         self.web = ListeningService(config.endpoint, reactor, factory)
         self.sync = SyncService(config, reactor, self.storage.when_ready, self.web.when_listening)

@@ -37,6 +37,12 @@ def _seconds(text: str) -> float:
 _seconds.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 
 
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError(f"expected a whole number above 0, got {text!r}")
+    return int(text)
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise ValueError(f"expected a whole number, 0 or more, got {text!r}")
@@ -91,6 +97,13 @@ class Options(usage.Options):
             None,
             None,
             "File with token(s) the public counter API then needs, one per line, mode 600.",
+        ],
+        [
+            "max-counters",
+            None,
+            None,
+            "Refuse new counter names (507) once the node holds this many counters (default: no limit).",
+            _positive,
         ],
         ["tls-cert", None, None, "This node's certificate (PEM): serve over TLS and reach peers over https."],
         ["tls-key", None, None, "The private key of --tls-cert (PEM)."],
@@ -191,5 +204,6 @@ def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBSer
         store=StoreSettings(durability=options["durability"]),
         access=options["access"],
         tls=options["tls"],
+        max_counters=options["max-counters"],
     )
     return CounterDBService(config, reactor)

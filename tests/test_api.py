@@ -7,7 +7,7 @@ import json
 import pytest
 
 from counterdb.crdt import MAX_COUNT
-from counterdb.testing import FakeNet
+from counterdb.testing import FAST, FakeNet
 
 HOST = "127.0.0.2"
 
@@ -441,3 +441,45 @@ def test_status_shows_identity_size_totals_and_peers(net: FakeNet) -> None:
     peer = status["peers"]["http://127.0.0.3:8080"]
     assert peer["reachable"] is True and peer["replica"] == nodes[1].node.replica_id
     assert peer["stats"]["pushes"] >= 1 and peer["stats"]["push_bytes"] > 0 and peer["dirty"] == 0
+
+
+def test_max_counters_refuses_new_names_with_507_and_keeps_counting_known_ones() -> None:
+    net = FakeNet()
+    sim = net.add(HOST)
+    sim.node.max_counters = 2
+    net.increment(HOST, "a")
+    net.increment(HOST, "b")
+    code, content = net.request("POST", HOST, "/counter/c")
+    assert code == 507 and "--max-counters" in error_of(content)
+    assert net.increment(HOST, "a") == 2
+    code, _ = net.request("POST", HOST, "/sync", {"counters": {"a": {"peer": 5}, "new": {"peer": 1}}})
+    assert code == 507 and net.value(HOST, "a") == 2, "all or nothing"
+    code, _ = net.request("POST", HOST, "/counter/new/setsync", {"partials": {"peer": 1}})
+    assert code == 507 and len(sim.node.table) == 2
+
+
+def test_a_push_of_too_many_counters_is_413() -> None:
+    net = FakeNet()
+    net.add(HOST)
+    code, content = net.request("POST", HOST, "/sync", {"counters": {f"c{i}": {} for i in range(10_001)}})
+    assert code == 413 and "at most 10000 counters" in error_of(content)
+
+
+def test_consistent_reads_past_the_cap_are_503_not_a_pile_up() -> None:
+    net = FakeNet()
+    nodes = net.cluster_of(HOST, "127.0.0.3")
+    nodes[0].reads.max_pending = 2
+    net.router.state["127.0.0.3"] = "down"  # reads wait for it
+    waiting = [nodes[0].reads.value("c", None) for _ in range(2)]
+    code, content = net.request("GET", HOST, "/counter/c/consistent_value")
+    assert code == 503 and "waiting already" in error_of(content)
+    net.router.state["127.0.0.3"] = "up"
+    net.run(FAST.backoff_max * 2)
+    assert all(net.fired(read) for read in waiting)
+
+
+def test_an_actors_list_of_more_than_64_hosts_is_refused(net: FakeNet) -> None:
+    net.add(HOST)
+    actors = [HOST] + [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(64)]
+    code, content = net.request("POST", HOST, "/config", {"actors": actors})
+    assert code == 400 and "at most 64 hosts" in error_of(content)

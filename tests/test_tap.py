@@ -73,6 +73,8 @@ def test_systemd_endpoint_without_a_passed_socket_is_a_usage_error() -> None:
         (["--advertise", "[::1"], "missing ']'"),
         (["--no-such-flag"], "no-such-flag"),
         (["--durability", "sometimes"], "--durability must be one of: full, fast"),
+        (["--max-counters", "0"], "above 0"),
+        (["--max-counters", "lots"], "above 0"),
     ],
 )
 def test_malformed_options_are_usage_errors(args: list[str], fragment: str) -> None:
