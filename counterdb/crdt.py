@@ -32,6 +32,10 @@ MAX_NAME_BYTES = 255
 
 #: Replica ids are short ASCII strings (we generate 32 hex characters).
 MAX_REPLICA_ID_CHARS = 128
+#: Most replica ids one counter state from outside may carry: a cluster has
+#: a handful of nodes plus the retired ids of replaced ones, and this bounds
+#: what one counter costs to store, answer and merge.
+MAX_REPLICAS = 1000
 _REPLICA_ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_REPLICA_ID_CHARS}}}")
 
 Partials = dict[str, int]
@@ -85,6 +89,8 @@ def validate_partials(obj: Any) -> Partials:
     """
     if not isinstance(obj, dict):
         raise InvalidState("partials must be a JSON object mapping replica ids to counts")
+    if len(obj) > MAX_REPLICAS:
+        raise InvalidState(f"a counter has at most {MAX_REPLICAS} replicas' partials, got {len(obj)}")
     for replica, count in obj.items():
         if not is_replica_id(replica):
             raise InvalidState(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -159,3 +160,8 @@ def test_a_page_stops_at_its_budget_but_always_holds_one_counter() -> None:
     assert (list(page), more) == (["c0", "c1"], True)
     page, _, more = table.changes_since(version, limit=100, budget=5, cost=lambda name, partials: 10)
     assert (list(page), more) == (["c2"], True)
+
+
+def test_a_state_with_more_than_a_thousand_replicas_is_refused() -> None:
+    with pytest.raises(InvalidState, match="at most 1000"):
+        validate_counters({"c": {f"r{i}": 1 for i in range(1001)}})
