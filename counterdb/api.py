@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from counterdb.actors import ConfigError
 from counterdb.auth import Secrets
 from counterdb.consistent import ConsistencyTimeout, ConsistentReads, TooManyReads
-from counterdb.crdt import MAX_COUNT, InvalidState, validate_counters, validate_name, validate_partials
+from counterdb.crdt import MAX_COUNT, InvalidState, is_replica_id, validate_counters, validate_name, validate_partials
 from counterdb.membership import Members
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable, TableFull
 from counterdb.ratelimit import RateLimitedLog
@@ -104,6 +104,8 @@ class CounterAPI:
     """The HTTP API. Every route is declared :func:`private` or :func:`public`."""
 
     app = Klein()
+    # "/counter/c//value" is not "/counter/c/value": no redirects, a 404.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -264,9 +266,12 @@ class CounterAPI:
         exchanging state with it would let the max-merge hide one copy's
         increments behind the other's. Refused (409), with a ``conflict``
         that tells the sender to go on under a new replica id."""
-        sender = request.getHeader(REPLICA_HEADER)
-        if sender is None:
+        raw = request.getHeader(REPLICA_HEADER.lower().encode("ascii"))
+        if raw is None:
             return
+        sender = raw.decode("ascii", "replace")
+        if not is_replica_id(sender):
+            raise ClientError(400, f"{REPLICA_HEADER} must be a replica id (1 to 128 of A-Z a-z 0-9 _ . -)")
         if sender == self.node.replica_id or sender in self.node.shared_ids:
             self._log_shared_replica(request, sender)
             raise ClientError(
@@ -308,7 +313,9 @@ class CounterAPI:
                 request, 405, f"method {request.method.decode('latin-1')} not allowed here; use {allowed}"
             )
         if isinstance(error, HTTPException):
-            return error_body(request, error.code or 400, error.description or "bad request")
+            if error.code is None or error.code < 400:  # e.g. a werkzeug redirect: there is no other path
+                return error_body(request, 404, f"no such resource: {request.path.decode('latin-1')}")
+            return error_body(request, error.code, error.description or "bad request")
         self.log.failure(
             "unexpected error answering {method} {path}",
             failure,
@@ -437,9 +444,14 @@ def _int_arg(request: IRequest, key: bytes, default: int, low: int, high: int) -
     raw = _arg(request, key)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits, and no more of them than ``high`` has: int() of a
+    # longer string could raise (past 4,300 digits) or cost time.
+    if not _DECIMAL_ARG.fullmatch(raw) or len(raw) > len(str(high)) or not low <= int(raw) <= high:
         raise ClientError(400, f"{key.decode()} must be an integer from {low} to {high}")
     return int(raw)
+
+
+_DECIMAL_ARG = re.compile(rb"[0-9]+")
 
 
 def _timeout_arg(request: IRequest) -> float | None:

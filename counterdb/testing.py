@@ -97,6 +97,9 @@ class FakeNet:
         self.clock = Clock()
         self.router = Router(self.clock)
         self.http = StubTreq(self.router)
+        # Serve as the daemon's CounterDBSite does: bodies are never parsed
+        # as forms (treq's in-memory Site has no public switch for it).
+        self.http._agent._serverFactory._parsePOSTFormSubmission = False
         self.settings = settings
         self.access = access or Access()  # every node's, unless add() is given another
         self.nodes: dict[str, SimNode] = {}

@@ -19,7 +19,7 @@ random query strings, bodies and headers. For every request:
 A down or hung peer (where ``consistent_value`` without a timeout waits, by
 design, for as long as it takes) is not generated here. Header values never
 hold NUL, CR or LF (not HTTP). Requests the fuzzing found answered wrongly
-are kept as plain tests (``BUGS``) with their minimal form.
+(since fixed) are kept as plain tests (``BUGS``) with their minimal form.
 """
 
 from __future__ import annotations
@@ -420,18 +420,6 @@ def _may_time_out(net: FakeNet, method: str, path: str) -> bool:
     )
 
 
-def _form_refused_by_fakenet_site(request: Request, status: int, content: bytes) -> bool:
-    """FakeNet serves through a plain twisted Site, which parses POSTed
-    multipart and urlencoded bodies itself and answers a malformed one with
-    a bare 400 before any resource runs. The daemon's CounterDBSite does not
-    parse forms (``parsePOSTFormSubmission=False``), so that 400 is the
-    harness's, not the node's; it must still change nothing."""
-    method, _, request_headers, _ = request
-    content_type = b"".join(request_headers.get(b"Content-Type", [b""])[:1]).lower().strip()
-    is_form = content_type.startswith((b"multipart/form-data", b"application/x-www-form-urlencoded"))
-    return method.upper() == "POST" and is_form and status == 400 and content == b""
-
-
 def _send(net: FakeNet, host: str, request: Request) -> None:
     method, path, request_headers, body = request
     net.settle()
@@ -453,7 +441,7 @@ def _send(net: FakeNet, host: str, request: Request) -> None:
         return
     assert 200 <= status < 300 or 400 <= status < 500, where
     if status >= 400:
-        if method.upper() != "HEAD" and not _form_refused_by_fakenet_site(request, status, content):
+        if method.upper() != "HEAD":
             assert response.headers.getRawHeaders("content-type") == ["application/json"], where
             answer = json.loads(content)
             assert isinstance(answer, dict) and isinstance(answer.get("error"), str), where
