@@ -20,7 +20,8 @@ from counterdb.service import CounterDBService
 from counterdb.tap import Options, makeService
 from counterdb.tls import TLSConfig
 
-HOSTS = ["127.0.0.31", "127.0.0.32", "127.0.0.33"]
+HOSTS = ["127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34", "127.0.0.35"]
+MEMBERS, OUTSIDER, IMPOSTOR = HOSTS[:3], HOSTS[3], HOSTS[4]
 DEADLINE = 10.0
 
 
@@ -91,35 +92,41 @@ async def value(http: Any, url: str) -> int | None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_tls_cluster_converges_and_a_node_from_another_ca_stays_out(tmp_path: Path) -> None:
+async def test_a_tls_cluster_converges_and_nodes_with_foreign_or_misnamed_certificates_stay_out(
+    tmp_path: Path,
+) -> None:
+    """Three members with certificates from the cluster's CA converge. A node
+    with a certificate from another CA exchanges nothing with them, either
+    way. A node whose certificate is from the right CA but for another
+    address is never sent anything: members check the actor's address
+    against the certificate they are shown."""
     ca, stranger_ca = trustme.CA(), trustme.CA()
     port = free_port()
     services: list[CounterDBService] = []
     try:
-        for i, host in enumerate(HOSTS[:2]):
+        for i, host in enumerate(MEMBERS):
             files = pem_files(tmp_path, ca, host, f"n{i}")
             await start(services, options(port, host, tmp_path / f"d{i}", files, "--tls-require-client-cert"))
-        outsider_files = pem_files(tmp_path, stranger_ca, HOSTS[2], "outsider")
-        outsider = await start(services, options(port, HOSTS[2], tmp_path / "d2", outsider_files))
-        member_tls = services[0].config.tls
-        http = client(member_tls)
-        a, b, c = (f"https://{host}:{port}" for host in HOSTS)
+        outsider = await start(
+            services, options(port, OUTSIDER, tmp_path / "out", pem_files(tmp_path, stranger_ca, OUTSIDER, "out"))
+        )
+        await start(  # the right CA, but a certificate for 127.0.0.99
+            services, options(port, IMPOSTOR, tmp_path / "imp", pem_files(tmp_path, ca, "127.0.0.99", "imp"))
+        )
+        http = client(services[0].config.tls)
+        a, b, c = (f"https://{host}:{port}" for host in MEMBERS)
         response = await http.post(f"{a}/counter/secure", data=b"5")
         assert (response.code, await response.text()) == (200, "5")
-        await wait_for(lambda: _equals(value(http, f"{b}/counter/secure/value"), 5), "the member learns it")
-        outsider_http = client(outsider.config.tls)
-        response = await outsider_http.post(f"{c}/counter/secure", data=b"100")
-        assert response.code == 200
+        await wait_for(lambda: _equals(value(http, f"{c}/counter/secure/value"), 5), "the members converge")
+        outsider.node.increment("secure", 100)
         # Several polls each way have failed on the TLS handshake: nothing crossed.
-        member_link = services[0].replication.links[f"https://{HOSTS[2]}:{port}"]
-        polled = [member_link, *outsider.replication.links.values()]
+        member = services[0].replication.links
+        polled = [member[f"https://{OUTSIDER}:{port}"], member[f"https://{IMPOSTOR}:{port}"]]
+        polled += outsider.replication.links.values()
         await wait_for(lambda: _true(all(link.stats.poll_failures >= 3 for link in polled)), "failed polls")
-        assert await value(http, f"{a}/counter/secure/value") == 5
-        assert await value(http, f"{b}/counter/secure/value") == 5
-        assert await value(outsider_http, f"{c}/counter/secure/value") == 100
-        links = outsider.replication.links
-        assert all(link.reachable is False for link in links.values()), [link.reachable for link in links.values()]
-        assert member_link.reachable is False
+        for url in (a, b, c):
+            assert await value(http, f"{url}/counter/secure/value") == 5
+        assert all(link.reachable is False for link in polled), [link.reachable for link in polled]
         with pytest.raises(Exception):  # noqa: B017 - any TLS failure: the member requires a client cert
             await treq.get(f"{a}/counter/secure/value")
     finally:
