@@ -220,6 +220,9 @@ class SyncService(Service):
         self._started = _Waiters()
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
+        # Peers close idle connections after their 10 s header deadline:
+        # drop ours before that, so a push never goes out on a closing one.
+        self.pool.cachedConnectionTimeout = 8
 
     def when_started(self) -> Deferred[Syncing]:
         return self._started.when()
