@@ -64,12 +64,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-try:
-    from nodes import NODE_ARGS as _NODE_ARGS
-    from nodes import http_request, is_refused
-except ImportError:  # tests/ became a package
-    from tests.nodes import NODE_ARGS as _NODE_ARGS
-    from tests.nodes import http_request, is_refused
+from nodes import NODE_ARGS as _NODE_ARGS
+from nodes import http_request, is_refused
 
 ADD = "add"
 READ = "read"

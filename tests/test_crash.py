@@ -25,33 +25,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nodes import (
+    CONVERGE,
+    FAST,
+    HOSTS,
+    NODE_ARGS,
+    NodeCluster,
+    NodeProcess,
+    configured_cluster,
+    http_request,
+    is_refused,
+)
 
 from counterdb.store import DB_FILE
-
-try:
-    from nodes import (
-        CONVERGE,
-        FAST,
-        HOSTS,
-        NODE_ARGS,
-        NodeCluster,
-        NodeProcess,
-        configured_cluster,
-        http_request,
-        is_refused,
-    )
-except ImportError:  # tests/ became a package
-    from tests.nodes import (
-        CONVERGE,
-        FAST,
-        HOSTS,
-        NODE_ARGS,
-        NodeCluster,
-        NodeProcess,
-        configured_cluster,
-        http_request,
-        is_refused,
-    )
 
 #: Client timeout of each increment of the load test: a request that gets
 #: no answer in time is "unknown" (it may or may not have been counted).

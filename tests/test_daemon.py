@@ -38,19 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-try:
-    from nodes import REPO_ROOT, START_TIMEOUT, STOP_TIMEOUT, checkout_env, http_request, twistd_command, wait_until
-except ImportError:  # tests/ became a package
-    from tests.nodes import (
-        REPO_ROOT,
-        START_TIMEOUT,
-        STOP_TIMEOUT,
-        checkout_env,
-        http_request,
-        twistd_command,
-        wait_until,
-    )
+from nodes import REPO_ROOT, START_TIMEOUT, STOP_TIMEOUT, checkout_env, http_request, twistd_command, wait_until
 
 #: How long an increment may take. Today's bug: in daemon mode it never
 #: answers (the store's writer thread did not survive the fork).

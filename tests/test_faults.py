@@ -17,14 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import jepsen
 import pytest
-
-try:
-    import jepsen
-    from test_jepsen import CI_SEED, assert_run, env_seed, require_netns, show
-except ImportError:  # tests/ became a package
-    from tests import jepsen
-    from tests.test_jepsen import CI_SEED, assert_run, env_seed, require_netns, show  # noqa: F401
+from test_jepsen import CI_SEED, assert_run, env_seed, require_netns
 
 #: Long enough for two or three rounds of the fault with the default
 #: schedule (2-5 s per fault, 0.5-2 s apart), short enough for CI.

@@ -16,31 +16,17 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
-try:
-    from nodes import (
-        CONVERGE,
-        FAST,
-        HOSTS,
-        NODE_ARGS,
-        NodeCluster,
-        NodeProcess,
-        configured_cluster,
-        is_timeout,
-        running_cluster,
-    )
-except ImportError:  # tests/ became a package
-    from tests.nodes import (
-        CONVERGE,
-        FAST,
-        HOSTS,
-        NODE_ARGS,
-        NodeCluster,
-        NodeProcess,
-        configured_cluster,
-        is_timeout,
-        running_cluster,
-    )
+from nodes import (
+    CONVERGE,
+    FAST,
+    HOSTS,
+    NODE_ARGS,
+    NodeCluster,
+    NodeProcess,
+    configured_cluster,
+    is_timeout,
+    running_cluster,
+)
 
 
 @pytest.fixture

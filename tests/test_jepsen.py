@@ -43,12 +43,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jepsen
 import pytest
-
-try:
-    import jepsen
-except ImportError:  # tests/ became a package
-    from tests import jepsen
 
 #: The CI runs' seed; ``JEPSEN_SEED`` replaces it (and the soak run's).
 CI_SEED = 20261182

@@ -9,14 +9,9 @@ availability figure.
 
 from __future__ import annotations
 
+import jepsen
 import pytest
-
-try:
-    import jepsen
-    from jepsen import FAIL, OK, UNKNOWN, History
-except ImportError:  # tests/ became a package
-    from tests import jepsen
-    from tests.jepsen import FAIL, OK, UNKNOWN, History
+from jepsen import FAIL, OK, UNKNOWN, History
 
 
 def valid_history() -> History:

@@ -21,11 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-
-try:
-    from nodes import REPO_ROOT, checkout_env, clean_env, twistd_command
-except ImportError:  # tests/ became a package
-    from tests.nodes import REPO_ROOT, checkout_env, clean_env, twistd_command
+from nodes import REPO_ROOT, checkout_env, clean_env, twistd_command
 
 #: A generous bound for one twistd run (start-up imports on a busy runner).
 RUN_TIMEOUT = 30.0
