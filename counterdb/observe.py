@@ -559,7 +559,7 @@ def event_as_record(event: dict[str, Any]) -> dict[str, Any]:
         "time": datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "level": level.name if isinstance(level, NamedConstant) else ("error" if event.get("isError") else "info"),
         "namespace": _plain(event.get("log_namespace")),
-        "system": _plain(event.get("log_system", event.get("system"))),
+        "system": _plain(event.get("log_system", event.get("system", "-"))),
         "message": formatEvent(event)[:100_000],
     }
     failure = event.get("log_failure")
