@@ -31,6 +31,10 @@ class ConfigError(ValueError):
     """The actors list is unusable; the message says why."""
 
 
+class NotAMember(ConfigError):
+    """This node is not in the actors list."""
+
+
 @attrs.frozen
 class Actor:
     """One entry of the actors list: ``HOST`` or ``HOST:PORT``."""
@@ -137,7 +141,7 @@ def _exactly_one(matches: list[int], actors: Iterable[Actor], compared: str) -> 
         return matches[0]
     entries = [a.entry for a in actors]
     if not matches:
-        raise ConfigError(f"this node is not in the actors list: compared {entries} with {compared}")
+        raise NotAMember(f"this node is not in the actors list: compared {entries} with {compared}")
     found = [entries[i] for i in matches]
     raise ConfigError(
         f"several actors match this node ({found}, compared with {compared}); "

@@ -29,7 +29,7 @@ from counterdb.actors import ConfigError
 from counterdb.auth import Secrets
 from counterdb.consistent import ConsistencyTimeout, ConsistentReads, TooManyReads
 from counterdb.crdt import MAX_COUNT, InvalidState, is_replica_id, validate_counters, validate_name, validate_partials
-from counterdb.membership import Members
+from counterdb.membership import NO_VERSION, Members, read_config
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable, TableFull
 from counterdb.ratelimit import RateLimitedLog
 from counterdb.replication import PeerLink, Replication
@@ -134,16 +134,27 @@ class CounterAPI:
         body = _read_json(request)
         if not isinstance(body, dict) or "actors" not in body:
             raise ClientError(400, 'expected a JSON object like {"actors": ["10.0.0.1", "10.0.0.2:8080"]}')
-        d = self.members.configure(body["actors"])
-        d.addCallback(lambda membership: _json(request, membership.as_json()))
+        if "version" not in body:  # an operator's list: the next version
+            d = self.members.configure(body["actors"])
+        else:  # a list spread by a peer: kept if newer
+            version, actors = read_config(body)
+            if version == NO_VERSION:
+                raise ClientError(400, 'version must be [number, "replica id"], as GET /config shows it')
+            d = self.members.adopt(actors, version)
+        d.addCallback(lambda _: _json(request, self._config_answer()))
         d.addErrback(_config_error)
         return d
+
+    def _config_answer(self) -> dict[str, Any]:
+        membership = self.members.current
+        if membership is not None:
+            return membership.as_json()
+        return {"index": 0, "self": None, "actors": [], "version": list(self.members.version)}
 
     @app.route("/config", methods=["GET"])
     @private
     def get_config(self, request: IRequest) -> bytes:
-        membership = self.members.current
-        info = membership.as_json() if membership else {"index": 0, "self": None, "actors": []}
+        info = self._config_answer()
         info["replica"] = self.node.replica_id
         return _json(request, info)
 
@@ -170,6 +181,10 @@ class CounterAPI:
     @public
     def increment(self, request: IRequest, name: str) -> Deferred[bytes]:
         name = _counter_name(name)
+        if self.members.removed_by is not None:
+            raise ClientError(
+                503, "this node was removed from the cluster: it takes no increments; send them to a member"
+            )
         key = _idempotency_key(request)
         amount = _parse_amount(_read_body(request))
         if amount > MAX_COUNT:
@@ -189,6 +204,9 @@ class CounterAPI:
     def consistent_value(self, request: IRequest, name: str) -> Deferred[bytes]:
         name = _counter_name(name)
         timeout = _timeout_arg(request)
+        reason = self.members.not_consistent_because()
+        if reason is not None:
+            raise ClientError(503, reason)
         d = self.reads.value(name, timeout)
         d.addCallback(lambda total: _text(request, total))
         d.addErrback(_read_timeout, request)
@@ -231,7 +249,10 @@ class CounterAPI:
         since = _int_arg(request, b"since", 0, 0, 2**63)
         limit = _int_arg(request, b"limit", MAX_SYNC_LIMIT, 1, MAX_SYNC_LIMIT)
         epoch = _str_arg(request, b"epoch")
-        return _json(request, self.node.changes_since(since, epoch, limit, MAX_PAGE_BYTES))
+        answer = self.node.changes_since(since, epoch, limit, MAX_PAGE_BYTES)
+        membership = self.members.current
+        answer["config"] = membership.config() if membership else None
+        return _json(request, answer)
 
     @app.route("/sync", methods=["POST"])
     @private
@@ -269,6 +290,8 @@ class CounterAPI:
         raw = request.getHeader(REPLICA_HEADER.lower().encode("ascii"))
         if raw is None:
             return
+        if self.members.current is None:
+            self.members.wanted = True  # a peer syncs with us: we belong to a cluster we do not know
         sender = raw.decode("ascii", "replace")
         if not is_replica_id(sender):
             raise ClientError(400, f"{REPLICA_HEADER} must be a replica id (1 to 128 of A-Z a-z 0-9 _ . -)")

@@ -94,6 +94,7 @@ class Node:
         loaded = store.load()
         self.replica_id = loaded.replica_id
         self.stored_actors = loaded.actors
+        self.stored_version = loaded.config_version
         # Replica ids this node gave up because a copy of its data dir used
         # them too: a peer still answering with one must take a new id.
         self.shared_ids = set(loaded.shared_ids)
@@ -138,10 +139,12 @@ class Node:
 
     # -- configuration ---------------------------------------------------------
 
-    def save_config(self, actors: list[str]) -> Deferred[None]:
-        """Durably record the accepted actors list (read back at the next start)."""
-        d = self.store.write_config(actors)
+    def save_config(self, actors: list[str], version: tuple[int, str] = (0, "")) -> Deferred[None]:
+        """Durably record the accepted actors list and its version (read back
+        at the next start)."""
+        d = self.store.write_config(actors, version)
         d.addCallback(lambda _: setattr(self, "stored_actors", list(actors)))
+        d.addCallback(lambda _: setattr(self, "stored_version", version))
         return d
 
     # -- writes --------------------------------------------------------------

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from counterdb.wire import MAX_ANSWER_BYTES, REPLICA_HEADER, BadJSON, decode_json
+from counterdb.wire import MAX_ANSWER_BYTES, REPLICA_HEADER, BadJSON, decode_json, encode_json
 
 #: How much of a refusal's body goes into the error message.
 _REASON_CHARS = 200
@@ -88,6 +88,12 @@ class PeerClient:
         """POST /sync with a body already encoded (and size-checked) by the caller."""
         headers = {**self._headers(), "Content-Type": ["application/json"]}
         return self._call(self.http.post(f"{self.base_url}/sync", data=body, headers=headers))
+
+    def post_config(self, config: dict[str, Any]) -> Deferred[Any]:
+        """Hand the peer a versioned actors list (it keeps it if newer)."""
+        headers = {**self._headers(), "Content-Type": ["application/json"]}
+        body = encode_json(config)
+        return self._call(self.http.post(f"{self.base_url}/config", data=body, headers=headers))
 
     def get_counter(self, name: str) -> Deferred[Any]:
         url = f"{self.base_url}/counter/{quote(name, safe='')}/getsync"

@@ -108,6 +108,8 @@ class PeerLink:
         self.conflict: str | None = None  # why this peer's data is refused
         self.stats = LinkStats()
         self._claim_replica = claim_replica
+        #: Told of the versioned actors list each poll answer carries.
+        self.replication_hears_config: Callable[[PeerLink, Any], None] = lambda link, config: None
         self._push_soon: IDelayedCall | None = None
         self._pushing: Deferred[None] | None = None
         self._given_up = False
@@ -263,6 +265,7 @@ class PeerLink:
                 self.note_unreachable(str(e))
                 return
             self.stats.polls += 1
+            self.replication_hears_config(self, answer.get("config"))
             self.node.merge(counters)
             self._since, self._epoch = version, epoch
             self.note_reachable()
@@ -291,6 +294,12 @@ class PeerLink:
         self._claim_replica(self, replica)
         if self.conflict is not None:
             raise ReplicaConflict(self.conflict)
+
+    def send_config(self, config: dict[str, Any]) -> None:
+        """Hand the peer a versioned actors list; it keeps it if newer.
+        Failures are left to the next poll, which compares versions again."""
+        d = self.client.post_config(config)
+        d.addErrback(lambda f: f.trap(Exception))
 
     # -- what this node knows of the peer --------------------------------------
 
@@ -343,6 +352,8 @@ class Replication:
         self.settings = settings
         self.rng = rng or random.Random()
         self.links: dict[str, PeerLink] = {}  # keyed by peer base URL
+        #: Called with (link, the "config" of a poll answer): membership's hook.
+        self.hears_config: Callable[[PeerLink, Any], None] = lambda link, config: None
         self._running = False
         node.on_local_change(self._local_change)
         node.on_new_identity(lambda _: self._recheck_replicas())
@@ -357,18 +368,29 @@ class Replication:
         stopping = [link.stop() for link in self.links.values()]
         return DeferredList(stopping) if stopping else succeed(None)
 
-    def follow(self, membership: Membership, listen_port: int) -> None:
-        """Have exactly one link per peer of ``membership``."""
-        wanted = membership.peers(listen_port, self.scheme)
+    def follow(self, membership: Membership | None, listen_port: int) -> None:
+        """Have exactly one link per peer of ``membership`` (none: removed),
+        and hand the new list to every peer, old and new."""
+        wanted = membership.peers(listen_port, self.scheme) if membership else {}
+        config = membership.config() if membership else None
         for url in list(self.links):
             if url not in wanted:
-                self.links.pop(url).stop()
+                self._drop(self.links.pop(url), config)
         for url, actor in wanted.items():
             if url in self.links:
                 self.links[url].entry = actor.entry  # same peer, maybe written differently
             else:
                 self.links[url] = self._new_link(actor.entry, url)
+            if config is not None:
+                self.links[url].send_config(config)
         self._recheck_replicas()
+
+    def _drop(self, link: PeerLink, config: dict[str, Any] | None) -> None:
+        """A peer leaves: tell it, take what it holds one last time, stop."""
+        if config is not None:
+            link.send_config(config)
+        last = link.poll_once() if self._running else succeed(None)
+        last.addBoth(lambda _: link.stop())
 
     def _new_link(self, entry: str, url: str) -> PeerLink:
         s = self.settings
@@ -376,6 +398,7 @@ class Replication:
             self.http, url, self.clock, s.peer_timeout, s.poll_batch, lambda: self.node.replica_id, self.authorization
         )
         link = PeerLink(self.node, entry, client, self.clock, s, self.rng, self._claim_replica)
+        link.replication_hears_config = lambda link, config: self.hears_config(link, config)
         if self._running:
             link.start()
         # No push of everything we hold: the new peer's first poll of us

@@ -259,6 +259,7 @@ class SyncService(Service):
         )
         _warn_if_open(address, self.config.access)
         members.on_change(lambda membership: replication.follow(membership, identity.listen_port))
+        replication.hears_config = lambda link, config: members.heard(config, link.send_config)
         self._configure_at_start(members, node)
         replication.start()
         self.parts = Syncing(members, replication, ConsistentReads(node, replication, self.reactor))

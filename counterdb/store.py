@@ -58,6 +58,7 @@ class LoadedState:
     entries: Iterable[tuple[str, str, int]] = ()  # (counter, replica, count)
     idempotency: list[IdempotencyRecord] = attrs.field(factory=list)
     shared_ids: frozenset[str] = frozenset()  # ids this node left because a copy used them too
+    config_version: tuple[int, str] = (0, "")  # of ``actors``: (number, replica id of the node that made it)
 
 
 class Store(Protocol):
@@ -73,8 +74,8 @@ class Store(Protocol):
         convenient: the store retries and logs its own failures, and a peer
         row it cannot write never holds up this node's own commits."""
 
-    def write_config(self, actors: list[str]) -> Deferred[None]:
-        """Record the accepted actors list."""
+    def write_config(self, actors: list[str], version: tuple[int, str] = (0, "")) -> Deferred[None]:
+        """Record the accepted actors list and its version."""
 
     def renew_identity(self) -> Deferred[str]:
         """Durably take a fresh replica id for this node's own rows from now
@@ -99,10 +100,11 @@ class MemoryStore:
         self.counters: dict[str, Partials] = {}
         self.keys: list[IdempotencyRecord] = []
         self.shared_ids: frozenset[str] = frozenset()
+        self.config_version: tuple[int, str] = (0, "")
 
     def load(self) -> LoadedState:
         entries = list(entries_of(self.counters))
-        return LoadedState(self.replica_id, self.actors, entries, list(self.keys), self.shared_ids)
+        return LoadedState(self.replica_id, self.actors, entries, list(self.keys), self.shared_ids, self.config_version)
 
     def write_own(self, partials: dict[str, int], keys: Sequence[IdempotencyRecord] = ()) -> Deferred[None]:
         for name, count in partials.items():
@@ -115,8 +117,8 @@ class MemoryStore:
             for replica, count in partials.items():
                 self._raise(name, replica, count)
 
-    def write_config(self, actors: list[str]) -> Deferred[None]:
-        self.actors = list(actors)
+    def write_config(self, actors: list[str], version: tuple[int, str] = (0, "")) -> Deferred[None]:
+        self.actors, self.config_version = list(actors), version
         return succeed(None)
 
     def renew_identity(self) -> Deferred[str]:
@@ -260,6 +262,7 @@ class SqliteStore:
         meta = dict(db.execute("SELECT key, value FROM meta"))
         actors = json.loads(meta["actors"]) if "actors" in meta else None
         self._shared_ids = frozenset(json.loads(meta.get("shared_ids", "[]")))
+        number, origin = json.loads(meta.get("config_version", '[0, ""]'))
         # The node stamps keys with the reactor's clock: filter with the same one.
         oldest = self.reactor.seconds() - self.settings.idempotency_window
         keys = [
@@ -272,7 +275,7 @@ class SqliteStore:
         ]
         keys.reverse()
         entries = db.execute("SELECT counter, replica, count FROM partials")
-        return LoadedState(self.replica_id, actors, entries, keys, self._shared_ids)
+        return LoadedState(self.replica_id, actors, entries, keys, self._shared_ids, (number, origin))
 
     # -- writes ------------------------------------------------------------------
 
@@ -291,8 +294,9 @@ class SqliteStore:
         if self._flush_call is None and not self._closed:
             self._flush_call = self.reactor.callLater(self.settings.peer_flush_interval, self._flush_peers)
 
-    def write_config(self, actors: list[str]) -> Deferred[None]:
-        return self._in_thread(self._set_meta, "actors", json.dumps(actors))
+    def write_config(self, actors: list[str], version: tuple[int, str] = (0, "")) -> Deferred[None]:
+        values = {"actors": json.dumps(actors), "config_version": json.dumps(list(version))}
+        return self._in_thread(self._set_meta_durably, values)
 
     def renew_identity(self) -> Deferred[str]:
         replica_id = new_replica_id()

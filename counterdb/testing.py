@@ -112,6 +112,7 @@ class FakeNet:
         secret = access.cluster.header if access.cluster else None
         replication = Replication(node, self.http, self.clock, self.settings, authorization=secret)
         members.on_change(lambda membership: replication.follow(membership, PORT))
+        replication.hears_config = lambda link, config: members.heard(config, link.send_config)
         reads = ConsistentReads(node, replication, self.clock)
         api = CounterAPI(node, members, replication, reads, access)
         self.router.hosts[host] = api.resource()

@@ -331,7 +331,9 @@ def test_config_answers_index_self_and_list(net: FakeNet) -> None:
     actors = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
     code, content = net.request("POST", "127.0.0.3", "/config", {"actors": actors})
     assert code == 200
-    assert json.loads(content) == {"index": 1, "self": "127.0.0.3", "actors": actors}
+    answer = json.loads(content)
+    assert answer == {"index": 1, "self": "127.0.0.3", "actors": actors, "version": answer["version"]}
+    assert answer["version"][0] >= 1
     code, content = net.request("GET", "127.0.0.3", "/config")
     assert json.loads(content)["actors"] == actors
 

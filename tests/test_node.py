@@ -199,7 +199,7 @@ def test_only_the_newest_keys_are_kept_past_the_limit() -> None:
 
 
 class ConfigFailsStore(MemoryStore):
-    def write_config(self, actors: list[str]) -> Deferred[None]:
+    def write_config(self, actors: list[str], version: tuple[int, str] = (0, "")) -> Deferred[None]:
         return fail(OSError(30, "Read-only file system"))
 
 
