@@ -89,6 +89,9 @@ class PeerClient:
         headers = {**self._headers(), "Content-Type": ["application/json"]}
         return self._call(self.http.post(f"{self.base_url}/sync", data=body, headers=headers))
 
+    def get_config(self) -> Deferred[Any]:
+        return self._call(self.http.get(f"{self.base_url}/config", headers=self._headers()))
+
     def post_config(self, config: dict[str, Any]) -> Deferred[Any]:
         """Hand the peer a versioned actors list (it keeps it if newer)."""
         headers = {**self._headers(), "Content-Type": ["application/json"]}

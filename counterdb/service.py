@@ -29,7 +29,7 @@ import attrs
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.protocol import Factory
@@ -43,8 +43,10 @@ from counterdb.actors import Actor, ConfigError
 from counterdb.api import Access, CounterAPI, error_body
 from counterdb.consistent import ConsistentReads
 from counterdb.http_limits import GuardedSite
+from counterdb.join import join
 from counterdb.membership import Identity, Members
 from counterdb.node import Node
+from counterdb.peer_client import PeerClient
 from counterdb.replication import Replication, SyncSettings
 from counterdb.store import SqliteStore, Store, StoreError, StoreSettings
 from counterdb.tls import TLSConfig
@@ -66,6 +68,7 @@ class ServiceConfig:
     access: Access = Access()
     tls: TLSConfig | None = None
     max_counters: int | None = None
+    join: Actor | None = None  # --join: a member to join through, when this node has no list
 
 
 class StartFailed(SystemExit, Exception):
@@ -217,6 +220,7 @@ class SyncService(Service):
         self._node_ready = node_ready
         self._listening = listening
         self.parts: Syncing | None = None
+        self._joining: Deferred[Any] | None = None
         self._started = _Waiters()
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
@@ -263,7 +267,25 @@ class SyncService(Service):
         self._configure_at_start(members, node)
         replication.start()
         self.parts = Syncing(members, replication, ConsistentReads(node, replication, self.reactor))
+        if self.config.join is not None and members.current is None:
+            self._joining = self._join(members, replication, identity)
         self._started.fire(self.parts)
+
+    def _join(self, members: Members, replication: Replication, identity: Identity) -> Deferred[Any]:
+        own = _own_entry(identity)
+        url = self.config.join.base_url(identity.listen_port, replication.scheme)  # type: ignore[union-attr]
+        member = PeerClient(
+            replication.http,
+            url,
+            self.reactor,
+            self.config.sync.peer_timeout,
+            1,
+            lambda: replication.node.replica_id,
+            replication.authorization,
+        )
+        d = Deferred.fromCoroutine(join(members, member, own, self.reactor, self.config.sync))
+        d.addErrback(lambda f: f.trap(CancelledError))
+        return d
 
     def _configure_at_start(self, members: Members, node: Node) -> None:
         entries = self.config.actors or node.stored_actors
@@ -280,6 +302,8 @@ class SyncService(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         stopping = [self.pool.closeCachedConnections()]
+        if self._joining is not None:
+            self._joining.cancel()
         if self.parts is not None:
             stopping = [self.parts.reads.stop(), self.parts.replication.stop(), *stopping]
         return DeferredList(stopping)
@@ -363,6 +387,16 @@ class CounterDBService(MultiService):
     @property
     def replication(self) -> Replication | None:
         return self.sync.parts.replication if self.sync.parts else None
+
+
+def _own_entry(identity: Identity) -> str:
+    """This node's entry for ``--join``: what it tells the cluster it is."""
+    if identity.advertise is not None:
+        return identity.advertise.entry
+    host = identity.interface or ""
+    if host in ("", "0.0.0.0", "::"):
+        raise StartFailed("counterdb: --join needs --advertise (or --interface): which address is this node?")
+    return f"[{host}]:{identity.listen_port}" if ":" in host else f"{host}:{identity.listen_port}"
 
 
 def _warn_if_open(address: IAddress, access: Access) -> None:

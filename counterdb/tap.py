@@ -74,6 +74,12 @@ class Options(usage.Options):
             "survives kill -9 but a power loss may lose the last second of increments.",
         ],
         ["actors", None, None, "Comma-separated actors list to start with (same meaning as POST /config)."],
+        [
+            "join",
+            None,
+            None,
+            "HOST[:PORT] of a cluster member: a node without an actors list joins the cluster through it.",
+        ],
         ["poll-interval", None, _DEFAULTS.poll_interval, "Seconds between polls of each peer.", _seconds],
         [
             "push-retries",
@@ -132,6 +138,8 @@ class Options(usage.Options):
         try:
             if self["advertise"] is not None:
                 self["advertise"] = parse_actor(self["advertise"])
+            if self["join"] is not None:
+                self["join"] = parse_actor(self["join"])
             if self["actors"] is not None:
                 entries = [e.strip() for e in self["actors"].split(",")]
                 parse_actors(entries, default_port=1)  # syntax only; port-aware checks at start
@@ -205,5 +213,6 @@ def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBSer
         access=options["access"],
         tls=options["tls"],
         max_counters=options["max-counters"],
+        join=options["join"],
     )
     return CounterDBService(config, reactor)
