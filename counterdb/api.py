@@ -31,6 +31,7 @@ from counterdb.consistent import ConsistencyTimeout, ConsistentReads, TooManyRea
 from counterdb.crdt import MAX_COUNT, InvalidState, is_replica_id, validate_counters, validate_name, validate_partials
 from counterdb.membership import NO_VERSION, Members, read_config
 from counterdb.node import Acknowledged, KeyReused, Node, Overflow, StoreUnavailable, TableFull
+from counterdb.observe import Metrics
 from counterdb.ratelimit import RateLimitedLog
 from counterdb.replication import PeerLink, Replication
 from counterdb.wire import (
@@ -115,8 +116,10 @@ class CounterAPI:
         replication: Replication,
         reads: ConsistentReads,
         access: Access = Access(),
+        metrics: Metrics | None = None,
     ) -> None:
         self.access = access
+        self.metrics = metrics
         self._refusals = RateLimitedLog(node.clock, 60.0, self.log)
         self.node = node
         self.members = members
@@ -190,6 +193,8 @@ class CounterAPI:
         if amount > MAX_COUNT:
             raise ClientError(400, f"the increment must be at most {MAX_COUNT}")
         d = self.node.increment(name, amount, key)
+        if self.metrics is not None:
+            self.metrics.track_increment(d)
         d.addCallback(_acknowledge, request)
         d.addErrback(_increment_error)
         return d
@@ -208,6 +213,8 @@ class CounterAPI:
         if reason is not None:
             raise ClientError(503, reason)
         d = self.reads.value(name, timeout)
+        if self.metrics is not None:
+            self.metrics.track_consistent_read(d)
         d.addCallback(lambda total: _text(request, total))
         d.addErrback(_read_timeout, request)
         return d

@@ -114,6 +114,7 @@ class Node:
         self._identity_listeners: list[Callable[[str], None]] = []
         self._change_listeners: list[Callable[[set[str]], None]] = []
         self.stats = NodeStats()
+        self.commit_observers: list[Callable[[int, float], None]] = []  # (batch size, seconds)
 
     # -- reads ---------------------------------------------------------------
 
@@ -345,11 +346,12 @@ class Node:
         now = self.clock.seconds()
         records = [IdempotencyRecord(p.key, p.name, p.amount, p.answer, now) for p in accepted if p.key is not None]
         self._committing = True
+        started = time.perf_counter()
         d = maybeDeferred(self.store.write_own, own, records)
         d.addCallbacks(
             self._batch_durable,
             self._batch_failed,
-            callbackArgs=(own, accepted, records),
+            callbackArgs=(own, accepted, records, started),
             errbackArgs=(accepted,),
         )
         d.addBoth(self._batch_finished)
@@ -382,14 +384,25 @@ class Node:
         return own
 
     def _batch_durable(
-        self, _: None, own: dict[str, int], accepted: list[_PendingIncrement], records: list[IdempotencyRecord]
+        self,
+        _: None,
+        own: dict[str, int],
+        accepted: list[_PendingIncrement],
+        records: list[IdempotencyRecord],
+        started: float,
     ) -> None:
+        elapsed = time.perf_counter() - started
         for name, count in own.items():
             self.table.merge(name, {self.replica_id: count})
         self._remember_keys(records)
         self.stats.commits += 1
         self.stats.committed_increments += len(accepted)
         self._answer(accepted)
+        for observe in self.commit_observers:
+            try:
+                observe(len(accepted), elapsed)
+            except Exception:
+                self.log.failure("a commit observer failed")
         self._tell_listeners(set(own))
 
     def _answer(self, accepted: list[_PendingIncrement]) -> None:

@@ -106,6 +106,7 @@ class PeerLink:
         self.reachable: bool | None = None  # unknown until the first exchange
         self.replica: str | None = None  # the peer's replica id, once it answered
         self.conflict: str | None = None  # why this peer's data is refused
+        self.last_success: float | None = None  # clock.seconds() of the last successful exchange
         self.stats = LinkStats()
         self._claim_replica = claim_replica
         #: Told of the versioned actors list each poll answer carries.
@@ -313,6 +314,7 @@ class PeerLink:
     def note_reachable(self) -> None:
         """A successful exchange."""
         self._last_refusal = None
+        self.last_success = self.clock.seconds()
         self._mark_up()
 
     def _mark_up(self) -> None:

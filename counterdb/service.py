@@ -46,6 +46,7 @@ from counterdb.http_limits import GuardedSite
 from counterdb.join import join
 from counterdb.membership import Identity, Members
 from counterdb.node import Node
+from counterdb.observe import Metrics, Readiness, observed_root, quiet_path
 from counterdb.peer_client import PeerClient
 from counterdb.replication import Replication, SyncSettings
 from counterdb.store import SqliteStore, Store, StoreError, StoreSettings
@@ -320,7 +321,7 @@ class CounterDBSite(GuardedSite):
         self.displayTracebacks = False
 
     def log(self, request: object) -> None:
-        if getattr(request, "path", None) != b"/sync":
+        if not quiet_path(getattr(request, "path", b"")):
             super().log(request)
 
 
@@ -340,7 +341,12 @@ class CounterDBService(MultiService):
     def __init__(self, config: ServiceConfig, reactor: Any, store: Store | None = None) -> None:
         super().__init__()
         self.config = config
-        self.site = CounterDBSite(_Starting())
+        self.readiness = Readiness(join=config.join is not None)
+        self.metrics = Metrics(readiness=self.readiness)
+        self.root = observed_root(
+            _Starting(), self.readiness, self.metrics, metrics_secrets=[config.access.api, config.access.cluster]
+        )
+        self.site = CounterDBSite(self.root)
         self.storage = StoreService(lambda: store or _open_store(config, reactor), reactor, config.max_counters)
         factory = config.tls.wrap(self.site) if config.tls else self.site
         self.web = ListeningService(config.endpoint, reactor, factory)
@@ -372,8 +378,15 @@ class CounterDBService(MultiService):
             self.web.port.stopListening()
 
     def _serve(self, node: Node, parts: Syncing) -> None:
-        api = CounterAPI(node, parts.members, parts.replication, parts.reads, self.config.access)
-        self.site.resource = api.resource()
+        api = CounterAPI(node, parts.members, parts.replication, parts.reads, self.config.access, self.metrics)
+        self.root.inner = api.resource()
+        node.commit_observers.append(self.metrics.observe_commit)
+        self.metrics.attach(node, parts.replication, parts.reads)
+        self.readiness.serving(node, parts.members)
+
+    def stopService(self) -> Deferred[Any]:
+        self.readiness.draining()  # GET /ready answers 503 from now on
+        return super().stopService()
 
     # Shortcuts for tests and tools.
     @property
