@@ -173,6 +173,7 @@ class CounterAPI:
                 "epoch": self.node.epoch,
                 "actors": membership.as_json()["actors"] if membership else [],
                 "counters": len(self.node.table),
+                **self._replica_census(),
                 "stats": attrs.asdict(self.node.stats),
                 "peers": {url: _link_status(link) for url, link in self.replication.links.items()},
             },
@@ -276,6 +277,13 @@ class CounterAPI:
             raise ClientError(400, str(e)) from None
         grown = self.node.merge(counters, all_or_nothing=True)
         return _json(request, {"replica": self.node.replica_id, "merged": sum(len(p) for p in grown.values())})
+
+    def _replica_census(self) -> dict[str, int]:
+        """Replica ids with a partial here; those of no current node are
+        retired (wiped, restored or renewed data dirs), kept for good."""
+        known = self.node.table.replica_ids()
+        live = {self.node.replica_id} | {link.replica for link in self.replication.links.values() if link.replica}
+        return {"replica_ids": len(known), "retired_replica_ids": len(known - live)}
 
     def _check_access(self, request: IRequest, needed: Secrets | None, also: Secrets | None, what: str) -> None:
         if needed is None:

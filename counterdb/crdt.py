@@ -130,6 +130,9 @@ class CounterTable:
     def __init__(self) -> None:
         self._counters: dict[str, Partials] = {}
         self._versions: dict[str, int] = {}  # counter -> version of its last change
+        # Every replica id with a partial anywhere, each stored once: partials
+        # only grow, so this only grows too (and shares the id strings).
+        self._replicas: dict[str, str] = {}
         self._log = ChangeLog()
         self.version = 0
 
@@ -138,6 +141,10 @@ class CounterTable:
 
     def __contains__(self, name: object) -> bool:
         return name in self._counters
+
+    def replica_ids(self) -> set[str]:
+        """Every replica id with a partial in some counter."""
+        return set(self._replicas)
 
     def partials(self, name: str) -> Partials:
         """A copy of the state of ``name`` (empty if nobody incremented it)."""
@@ -161,7 +168,7 @@ class CounterTable:
             if count > (current.get(replica, 0) if current else 0):
                 if current is None:
                     current = self._counters[name] = {}
-                current[replica] = count
+                current[self._replicas.setdefault(replica, replica)] = count
                 grown[replica] = count
         if grown:
             self._stamp(name)
@@ -173,7 +180,7 @@ class CounterTable:
         Replica ids repeat on every row; sharing one string object per id
         keeps a table of a million counters from holding millions of copies.
         """
-        replicas: dict[str, str] = {}
+        replicas = self._replicas
         counters = self._counters
         for name, replica, count in entries:
             if count <= 0:

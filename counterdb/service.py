@@ -342,7 +342,10 @@ class CounterDBService(MultiService):
         super().__init__()
         self.config = config
         self.readiness = Readiness(join=config.join is not None)
-        self.metrics = Metrics(readiness=self.readiness)
+        self.metrics = Metrics(
+            readiness=self.readiness,
+            replica_ids=lambda: len(self.storage.node.table.replica_ids()) if self.storage.node else 0,
+        )
         self.root = observed_root(
             _Starting(), self.readiness, self.metrics, metrics_secrets=[config.access.api, config.access.cluster]
         )

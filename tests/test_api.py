@@ -443,6 +443,10 @@ def test_status_shows_identity_size_totals_and_peers(net: FakeNet) -> None:
     peer = status["peers"]["http://127.0.0.3:8080"]
     assert peer["reachable"] is True and peer["replica"] == nodes[1].node.replica_id
     assert peer["stats"]["pushes"] >= 1 and peer["stats"]["push_bytes"] > 0 and peer["dirty"] == 0
+    assert (status["replica_ids"], status["retired_replica_ids"]) == (1, 0)
+    net.request("POST", HOST, "/counter/a/setsync", {"partials": {"gone": 4}})  # a replaced node's old id
+    status = json.loads(net.request("GET", HOST, "/status")[1])
+    assert (status["replica_ids"], status["retired_replica_ids"]) == (2, 1)
 
 
 def test_max_counters_refuses_new_names_with_507_and_keeps_counting_known_ones() -> None:
