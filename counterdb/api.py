@@ -172,7 +172,10 @@ class CounterAPI:
                 "replica": self.node.replica_id,
                 "epoch": self.node.epoch,
                 "actors": membership.as_json()["actors"] if membership else [],
+                "version": list(self.members.version),
+                "removed": self.members.removed_by is not None,
                 "counters": len(self.node.table),
+                "store_bytes": self.node.store.size_bytes(),
                 **self._replica_census(),
                 "stats": attrs.asdict(self.node.stats),
                 "peers": {url: _link_status(link) for url, link in self.replication.links.items()},
@@ -370,6 +373,8 @@ def _link_status(link: PeerLink) -> dict[str, Any]:
         "replica": link.replica,
         "conflict": link.conflict,
         "dirty": len(link.dirty),
+        "last_success": link.last_success,
+        "pushing_given_up": link.given_up,
         "stats": attrs.asdict(link.stats),
     }
 

@@ -182,6 +182,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     config_set.add_argument("actors", metavar="HOST", nargs="+", help="HOST or HOST:PORT")
 
+    remove = commands.add_parser(
+        "remove",
+        help="remove a host from the cluster",
+        description=(
+            "Post the actors list without HOST to this node; it spreads to every node. Each remaining node "
+            "polls HOST one last time before dropping it, so its partials stay in every total, and HOST, once "
+            "it has the new list, takes no more increments. Stop sending HOST increments first."
+        ),
+        formatter_class=plain,
+    )
+    remove.add_argument("leaving", metavar="HOST", help="the entry to remove, as the actors list writes it")
     commands.add_parser(
         "status", help="this node's state and its peers", description=STATUS_DESCRIPTION, formatter_class=plain
     )
@@ -289,6 +300,15 @@ def _config(client: BlockingClient, args: argparse.Namespace, connect: Connect, 
         out.write(json.dumps(answer) + "\n")
     else:
         out.write(format_config(answer))
+    return 0
+
+
+def _remove(client: BlockingClient, args: argparse.Namespace, connect: Connect, out: TextIO) -> int:
+    actors = client.config().get("actors") or []
+    if args.leaving not in actors:
+        raise CommandError(f"{args.leaving} is not in the actors list {actors}")
+    answer = client.set_config([entry for entry in actors if entry != args.leaving])
+    out.write(json.dumps(answer) + "\n" if args.json else format_config(answer))
     return 0
 
 
@@ -488,6 +508,7 @@ _COMMANDS: dict[str, Callable[[BlockingClient, argparse.Namespace, Connect, Text
     "incr": _incr,
     "get": _get,
     "config": _config,
+    "remove": _remove,
     "status": _status,
     "cluster-status": _cluster_status,
 }

@@ -296,6 +296,11 @@ class PeerLink:
         if self.conflict is not None:
             raise ReplicaConflict(self.conflict)
 
+    @property
+    def given_up(self) -> bool:
+        """Whether pushes stopped after their retries (polls carry on)."""
+        return self._given_up
+
     def send_config(self, config: dict[str, Any]) -> None:
         """Hand the peer a versioned actors list; it keeps it if newer.
         Failures are left to the next poll, which compares versions again."""

@@ -82,6 +82,9 @@ class Store(Protocol):
         on, remembering the old one as shared; fires with the new one.
         Called between commits, never during one."""
 
+    def size_bytes(self) -> int | None:
+        """What the store takes on disk, if it keeps anything there."""
+
     def shutdown(self) -> Deferred[None]:
         """Write what is pending and release files and threads, without
         blocking the reactor."""
@@ -125,6 +128,9 @@ class MemoryStore:
         self.shared_ids |= {self.replica_id}
         self.replica_id = new_replica_id()
         return succeed(self.replica_id)
+
+    def size_bytes(self) -> int | None:
+        return None
 
     def shutdown(self) -> Deferred[None]:
         return succeed(None)
@@ -297,6 +303,15 @@ class SqliteStore:
     def write_config(self, actors: list[str], version: tuple[int, str] = (0, "")) -> Deferred[None]:
         values = {"actors": json.dumps(actors), "config_version": json.dumps(list(version))}
         return self._in_thread(self._set_meta_durably, values)
+
+    def size_bytes(self) -> int | None:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += (self.path / (DB_FILE + suffix)).stat().st_size
+            except OSError:
+                pass
+        return total
 
     def renew_identity(self) -> Deferred[str]:
         replica_id = new_replica_id()

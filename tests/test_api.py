@@ -444,6 +444,8 @@ def test_status_shows_identity_size_totals_and_peers(net: FakeNet) -> None:
     assert peer["reachable"] is True and peer["replica"] == nodes[1].node.replica_id
     assert peer["stats"]["pushes"] >= 1 and peer["stats"]["push_bytes"] > 0 and peer["dirty"] == 0
     assert (status["replica_ids"], status["retired_replica_ids"]) == (1, 0)
+    assert status["version"][0] == 1 and status["removed"] is False and status["store_bytes"] is None
+    assert peer["last_success"] is not None and peer["pushing_given_up"] is False
     net.request("POST", HOST, "/counter/a/setsync", {"partials": {"gone": 4}})  # a replaced node's old id
     status = json.loads(net.request("GET", HOST, "/status")[1])
     assert (status["replica_ids"], status["retired_replica_ids"]) == (2, 1)

@@ -463,3 +463,33 @@ def test_cli_runs_as_a_module(cluster: NodeCluster, secret_file: Path) -> None:
     )
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == "counterdb: http://127.0.0.1:9: connection refused (after 1 attempt)\n"
+
+
+class _FakeNodeClient:
+    """Just enough of BlockingClient for the remove command."""
+
+    def __init__(self, actors: list[str]) -> None:
+        self.actors = actors
+        self.posted: list[list[str]] = []
+
+    def config(self) -> dict[str, object]:
+        return {"actors": self.actors, "index": 0, "self": self.actors[0], "version": [1, "r"]}
+
+    def set_config(self, actors: list[str]) -> dict[str, object]:
+        self.posted.append(actors)
+        return {"actors": actors, "index": 0, "self": actors[0], "version": [2, "r"]}
+
+
+def test_remove_posts_the_list_without_the_host_and_refuses_a_stranger() -> None:
+    import argparse
+    import io
+
+    from counterdb import cli
+
+    node = _FakeNodeClient(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    out = io.StringIO()
+    args = argparse.Namespace(leaving="10.0.0.3", json=False)
+    assert cli._remove(node, args, None, out) == 0
+    assert node.posted == [["10.0.0.1", "10.0.0.2"]]
+    with pytest.raises(cli.CommandError, match="not in the actors list"):
+        cli._remove(node, argparse.Namespace(leaving="10.0.0.9", json=False), None, out)
