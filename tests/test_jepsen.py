@@ -87,19 +87,6 @@ def require_netns() -> None:
     pytest.skip(problem)
 
 
-@pytest.fixture
-def show(capsys: pytest.CaptureFixture[str]) -> Callable[[jepsen.RunReport], None]:
-    """Print a run's summary straight to the terminal, also without ``-s``."""
-
-    def show(report: jepsen.RunReport) -> None:
-        text = report.summary() + f"\n  (convergence: goal {CONVERGENCE_GOAL:g} s, asserted {CONVERGENCE_BOUND:g} s)"
-        with capsys.disabled():
-            sys.stdout.write("\n" + text + "\n")
-            sys.stdout.flush()
-
-    return show
-
-
 def assert_run(report: jepsen.RunReport) -> None:
     """Every assertion of a fault run, each failing with the whole story."""
     assert not report.problems, report.explain()
