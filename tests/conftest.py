@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 import jepsen
 import pytest
+from hypothesis import settings
 from test_jepsen import CONVERGENCE_BOUND, CONVERGENCE_GOAL
+
+# In CI the property and fuzz tests draw the same examples on every run: a
+# red main must come from a change, not from a new draw. Locally they draw
+# new examples each run (and keep failures in .hypothesis/).
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
