@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 from klein import Klein
 from klein.resource import KleinResource
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -201,6 +201,44 @@ class CounterAPI:
             self.metrics.track_increment(d)
         d.addCallback(_acknowledge, request)
         d.addErrback(_increment_error)
+        return d
+
+    @app.route("/counters", methods=["POST"])
+    @public
+    def increment_many(self, request: IRequest) -> Deferred[bytes]:
+        """Several increments in one durable commit and one push: all are
+        counted or none is."""
+        if self.members.removed_by is not None:
+            raise ClientError(
+                503, "this node was removed from the cluster: it takes no increments; send them to a member"
+            )
+        key = _idempotency_key(request)
+        amounts = _bulk_increments(_read_json(request))
+        d = self.node.increment_many(amounts, key)
+        if self.metrics is not None:
+            self.metrics.track_increment(d)
+        d.addCallback(_acknowledge_many, request)
+        d.addErrback(_increment_error)
+        return d
+
+    @app.route("/counters", methods=["GET"])
+    @public
+    def values(self, request: IRequest) -> Deferred[bytes] | bytes:
+        """Several counters' values: local, or consistent with ``consistent=1``."""
+        names = _names_arg(request)
+        if _arg(request, b"consistent") not in (None, b"0", b"1"):
+            raise ClientError(400, "consistent must be 0 or 1")
+        if _arg(request, b"consistent") != b"1":
+            return _json(request, {"values": {name: self.node.value(name) for name in names}})
+        reason = self.members.not_consistent_because()
+        if reason is not None:
+            raise ClientError(503, reason)
+        timeout = _timeout_arg(request)
+        reads = [self.reads.value(name, timeout) for name in names]
+        d = gatherResults(reads, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
+        d.addCallback(lambda totals: _json(request, {"values": dict(zip(names, totals))}))
+        d.addErrback(_read_timeout, request)
         return d
 
     @app.route("/counter/<name>/value", methods=["GET"])
@@ -529,6 +567,41 @@ def _idempotency_key(request: IRequest) -> str | None:
             400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters, e.g. a UUID"
         )
     return key.decode("ascii")
+
+
+#: Most counters one POST /counters or GET /counters names.
+MAX_BULK = 1000
+
+
+def _bulk_increments(body: Any) -> dict[str, int]:
+    expected = 'expected a JSON object like {"increments": {"<counter name>": 5, ...}}'
+    if not isinstance(body, dict) or not isinstance(body.get("increments"), dict):
+        raise ClientError(400, expected)
+    increments = body["increments"]
+    if not 1 <= len(increments) <= MAX_BULK:
+        raise ClientError(400, f"a bulk increment names 1 to {MAX_BULK} counters, got {len(increments)}")
+    for name, amount in increments.items():
+        _counter_name(name)
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= MAX_COUNT:
+            raise ClientError(400, f"the increment of {name!r} must be a whole number from 0 to {MAX_COUNT}")
+    return increments
+
+
+def _names_arg(request: IRequest) -> list[str]:
+    raw = (request.args or {}).get(b"name", [])
+    if not 1 <= len(raw) <= MAX_BULK:
+        raise ClientError(400, f"name 1 to {MAX_BULK} counters: ?name=a&name=b")
+    try:
+        names = [_counter_name(value.decode("utf-8")) for value in raw]
+    except UnicodeDecodeError:
+        raise ClientError(400, "counter names must be UTF-8") from None
+    return list(dict.fromkeys(names))
+
+
+def _acknowledge_many(ack: Acknowledged, request: IRequest) -> bytes:
+    if ack.replayed:
+        request.setHeader(b"Idempotent-Replayed", b"true")
+    return _json(request, {"values": ack.values})
 
 
 def _acknowledge(ack: Acknowledged, request: IRequest) -> bytes:

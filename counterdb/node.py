@@ -14,6 +14,7 @@ never counted twice.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import OrderedDict
@@ -57,8 +58,15 @@ class NodeStats:
 
 @attrs.frozen
 class Acknowledged:
-    value: int  # the counter's local value right after the increment
+    value: int  # the counter's local value right after the increment (0 for a bulk one)
     replayed: bool = False  # answered from an earlier request with the same key
+    values: dict[str, int] | None = None  # a bulk increment: each counter's new local value
+
+
+#: How a bulk increment's idempotency record is told from a single one: its
+#: ``amount`` (single amounts are never negative), with the request and its
+#: answer as JSON in ``counter``.
+BULK_RECORD = -1
 
 
 class _WallClock:
@@ -68,11 +76,25 @@ class _WallClock:
 
 @attrs.define
 class _PendingIncrement:
-    name: str
-    amount: int
+    """One request: a single increment, or a bulk one (all or nothing)."""
+
+    amounts: dict[str, int]
+    bulk: bool
     key: str | None
     waiters: list[Deferred[Acknowledged]]
-    answer: int = 0
+    answers: dict[str, int] = attrs.Factory(dict)
+
+    def acknowledgement(self, replayed: bool) -> Acknowledged:
+        if self.bulk:
+            return Acknowledged(0, replayed, dict(self.answers))
+        return Acknowledged(next(iter(self.answers.values())), replayed)
+
+    def record(self, now: float) -> IdempotencyRecord:
+        if not self.bulk:
+            ((name, amount),) = self.amounts.items()
+            return IdempotencyRecord(self.key, name, amount, self.answers[name], now)  # type: ignore[arg-type]
+        answer = json.dumps({"increments": self.amounts, "values": self.answers}, sort_keys=True)
+        return IdempotencyRecord(self.key, answer, BULK_RECORD, 0, now)  # type: ignore[arg-type]
 
 
 class Node:
@@ -162,15 +184,25 @@ class Node:
         counted. With ``key``, a repeat of an earlier request is answered as
         the first one was, without counting again.
         """
+        return self._enqueue({name: amount}, False, key)
+
+    def increment_many(self, amounts: dict[str, int], key: str | None = None) -> Deferred[Acknowledged]:
+        """Add each amount to this node's partial of its counter, in one
+        durable commit and one push: all are counted or none is. Fires with
+        an :class:`Acknowledged` whose ``values`` holds each counter's new
+        local value; fails as :meth:`increment` does."""
+        return self._enqueue(dict(amounts), True, key)
+
+    def _enqueue(self, amounts: dict[str, int], bulk: bool, key: str | None) -> Deferred[Acknowledged]:
         if key is not None:
-            repeat = self._repeat_of(key, name, amount)
+            repeat = self._repeat_of(key, amounts, bulk)
             if repeat is not None:
                 return repeat
         if self._stopping is not None:
             return fail(StoreUnavailable("the node is shutting down"))
-        self.stats.increments += 1
+        self.stats.increments += len(amounts)
         waiter: Deferred[Acknowledged] = Deferred()
-        pending = _PendingIncrement(name, amount, key, [waiter])
+        pending = _PendingIncrement(amounts, bulk, key, [waiter])
         self._queue.append(pending)
         if key is not None:
             self._pending_keys[key] = pending
@@ -290,17 +322,18 @@ class Node:
 
     # -- idempotency -----------------------------------------------------------
 
-    def _repeat_of(self, key: str, name: str, amount: int) -> Deferred[Acknowledged] | None:
+    def _repeat_of(self, key: str, amounts: dict[str, int], bulk: bool) -> Deferred[Acknowledged] | None:
         record = self._keys.get(key)
         if record is not None:
-            if (record.counter, record.amount) != (name, amount):
-                return fail(_key_reused(key, record.counter, record.amount))
-            return succeed(Acknowledged(record.value, replayed=True))
+            first, answer = _request_of(record)
+            if first != (bulk, amounts):
+                return fail(_key_reused(key, first))
+            return succeed(answer)
         pending = self._pending_keys.get(key)
         if pending is None:
             return None
-        if (pending.name, pending.amount) != (name, amount):
-            return fail(_key_reused(key, pending.name, pending.amount))
+        if (pending.bulk, pending.amounts) != (bulk, amounts):
+            return fail(_key_reused(key, (pending.bulk, pending.amounts)))
         # The first request with this key is still being committed: answer
         # this one with its outcome.
         waiter: Deferred[Acknowledged] = Deferred()
@@ -344,7 +377,7 @@ class Node:
         if not accepted:
             return
         now = self.clock.seconds()
-        records = [IdempotencyRecord(p.key, p.name, p.amount, p.answer, now) for p in accepted if p.key is not None]
+        records = [p.record(now) for p in accepted if p.key is not None]
         self._committing = True
         started = time.perf_counter()
         d = maybeDeferred(self.store.write_own, own, records)
@@ -357,31 +390,46 @@ class Node:
         d.addBoth(self._batch_finished)
 
     def _apply_batch(self, batch: list[_PendingIncrement]) -> dict[str, int]:
-        """New absolute own partials for ``batch``; refuses overflowing ones."""
+        """New absolute own partials for ``batch``. A request that would
+        take a partial past :data:`MAX_COUNT`, or add a counter past
+        ``max_counters``, is refused whole and changes nothing."""
         own: dict[str, int] = {}
-        new_names = 0
+        new_names = 0  # counters the batch creates, for max_counters
         for pending in batch:
-            if self.max_counters is not None and pending.name not in self.table and pending.name not in own:
-                if len(self.table) + new_names >= self.max_counters:
-                    self._fail(pending, TableFull(self._full_message(1)))
-                    continue
-                new_names += 1
-            mine = own.get(pending.name, self.table.partial(pending.name, self.replica_id))
-            others = self.table.value(pending.name) - self.table.partial(pending.name, self.replica_id)
-            # Only this node's own partial is bounded, so the check needs
-            # nothing from other nodes: totals may grow past 64 bits.
-            if mine + pending.amount > MAX_COUNT:
-                self._fail(
-                    pending,
-                    Overflow(
-                        f"this node's share of counter {pending.name!r} would exceed {MAX_COUNT}; "
-                        "increment it on another node"
-                    ),
-                )
+            try:
+                changes, added = self._partials_after(pending.amounts, own, new_names)
+            except (Overflow, TableFull) as refusal:
+                self._fail(pending, refusal)
                 continue
-            own[pending.name] = mine + pending.amount
-            pending.answer = others + own[pending.name]
+            own.update(changes)
+            new_names += added
+            for name in pending.amounts:
+                others = self.table.value(name) - self.table.partial(name, self.replica_id)
+                pending.answers[name] = others + own[name]
         return own
+
+    def _partials_after(
+        self, amounts: dict[str, int], own: dict[str, int], new_names: int
+    ) -> tuple[dict[str, int], int]:
+        """This node's partials of ``amounts``' counters once they are added
+        on top of ``own`` (the batch so far), and how many counters that
+        creates; raises if one would not fit, so a request counts whole."""
+        changes: dict[str, int] = {}
+        added = 0
+        for name, amount in amounts.items():
+            if name not in changes and name not in own and name not in self.table:
+                if self.max_counters is not None and len(self.table) + new_names + added >= self.max_counters:
+                    raise TableFull(self._full_message(1))
+                added += 1
+            mine = changes.get(name, own.get(name, self.table.partial(name, self.replica_id)))
+            # Only this node's own partial is bounded, so the check needs
+            # nothing from other nodes: totals may pass 64 bits.
+            if mine + amount > MAX_COUNT:
+                raise Overflow(
+                    f"this node's share of counter {name!r} would exceed {MAX_COUNT}; increment it on another node"
+                )
+            changes[name] = mine + amount
+        return changes, added
 
     def _batch_durable(
         self,
@@ -396,7 +444,7 @@ class Node:
             self.table.merge(name, {self.replica_id: count})
         self._remember_keys(records)
         self.stats.commits += 1
-        self.stats.committed_increments += len(accepted)
+        self.stats.committed_increments += sum(len(p.amounts) for p in accepted)
         self._answer(accepted)
         for observe in self.commit_observers:
             try:
@@ -412,7 +460,7 @@ class Node:
                 # The client may have gone away (Klein then cancels its
                 # Deferred): the increment counted, nobody is left to tell.
                 if not waiter.called:
-                    waiter.callback(Acknowledged(pending.answer, replayed=i > 0))
+                    waiter.callback(pending.acknowledgement(replayed=i > 0))
 
     def _tell_listeners(self, changed: set[str]) -> None:
         # A listener that raises must not keep the others from hearing of a
@@ -457,8 +505,21 @@ def json_size_bound(name: str, partials: Partials) -> int:
     return name_bytes + 8 + sum(len(replica) + 25 for replica in partials)
 
 
-def _key_reused(key: str, counter: str, amount: int) -> KeyReused:
+def _request_of(record: IdempotencyRecord) -> tuple[tuple[bool, dict[str, int]], Acknowledged]:
+    """The request a stored key answered, and the answer to replay."""
+    if record.amount != BULK_RECORD:
+        return (False, {record.counter: record.amount}), Acknowledged(record.value, replayed=True)
+    stored = json.loads(record.counter)
+    return (True, stored["increments"]), Acknowledged(0, True, stored["values"])
+
+
+def _key_reused(key: str, first: tuple[bool, dict[str, int]]) -> KeyReused:
+    bulk, amounts = first
+    if bulk:
+        what = f"a bulk increment of {len(amounts)} counters"
+    else:
+        ((counter, amount),) = amounts.items()
+        what = f"an increment of {counter!r} by {amount}"
     return KeyReused(
-        f"Idempotency-Key {key!r} was already used for a different request "
-        f"(an increment of {counter!r} by {amount}); use a new key for a new increment"
+        f"Idempotency-Key {key!r} was already used for a different request ({what}); use a new key for a new increment"
     )

@@ -88,7 +88,13 @@ def test_every_route_says_whether_it_is_private_or_public() -> None:
         for rule in CounterAPI.app.url_map.iter_rules()
     }
     assert set(kinds.values()) == {"private", "public"}, kinds
-    assert {name for name, kind in kinds.items() if kind == "public"} == {"increment", "value", "consistent_value"}
+    assert {name for name, kind in kinds.items() if kind == "public"} == {
+        "increment",
+        "value",
+        "consistent_value",
+        "increment_many",
+        "values",
+    }
 
 
 @pytest.mark.parametrize("method, path, body", ROUTES)

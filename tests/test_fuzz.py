@@ -169,6 +169,8 @@ ROUTES = {
     "config": "/config",
     "sync": "/sync",
     "status": "/status",
+    "counters": "/counters",
+    "counters_named": "/counters?name={}&name=b&consistent=1&timeout=0.5",
 }
 
 
