@@ -188,36 +188,35 @@ class CounterAPI:
     @public
     def increment(self, request: IRequest, name: str) -> Deferred[bytes]:
         name = _counter_name(name)
-        if self.members.removed_by is not None:
-            raise ClientError(
-                503, "this node was removed from the cluster: it takes no increments; send them to a member"
-            )
+        self._refuse_if_removed()
         key = _idempotency_key(request)
         amount = _parse_amount(_read_body(request))
         if amount > MAX_COUNT:
             raise ClientError(400, f"the increment must be at most {MAX_COUNT}")
-        d = self.node.increment(name, amount, key)
-        if self.metrics is not None:
-            self.metrics.track_increment(d)
-        d.addCallback(_acknowledge, request)
-        d.addErrback(_increment_error)
-        return d
+        return self._answer_increment(self.node.increment(name, amount, key), _acknowledge, request)
 
     @app.route("/counters", methods=["POST"])
     @public
     def increment_many(self, request: IRequest) -> Deferred[bytes]:
         """Several increments in one durable commit and one push: all are
         counted or none is."""
+        self._refuse_if_removed()
+        key = _idempotency_key(request)
+        amounts = _bulk_increments(_read_json(request))
+        return self._answer_increment(self.node.increment_many(amounts, key), _acknowledge_many, request)
+
+    def _refuse_if_removed(self) -> None:
         if self.members.removed_by is not None:
             raise ClientError(
                 503, "this node was removed from the cluster: it takes no increments; send them to a member"
             )
-        key = _idempotency_key(request)
-        amounts = _bulk_increments(_read_json(request))
-        d = self.node.increment_many(amounts, key)
+
+    def _answer_increment(
+        self, d: Deferred[Acknowledged], answer: Callable[[Acknowledged, IRequest], bytes], request: IRequest
+    ) -> Deferred[bytes]:
         if self.metrics is not None:
             self.metrics.track_increment(d)
-        d.addCallback(_acknowledge_many, request)
+        d.addCallback(answer, request)
         d.addErrback(_increment_error)
         return d
 
