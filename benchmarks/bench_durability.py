@@ -41,14 +41,11 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's counterdb
+from bench_cluster import percentile  # same directory: one definition for both scripts
+
 from counterdb.localcluster import LocalCluster
 from counterdb.node import Node
 from counterdb.store import DB_FILE, MemoryStore, SqliteStore, StoreSettings
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, -(-len(ordered) * p // 100) - 1)] if ordered else float("nan")
 
 
 def fsync_latency(directory: Path, rounds: int = 200) -> None:

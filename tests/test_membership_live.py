@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,24 +12,13 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from counterdb.localcluster import free_common_port
 from counterdb.service import CounterDBService
 from counterdb.tap import Options, makeService
 
 HOSTS = ["127.0.0.41", "127.0.0.42", "127.0.0.43"]
 DEADLINE = 10.0
 FAST = ["--poll-interval", "0.2", "--peer-timeout", "2", "--backoff-max", "0.5"]
-
-
-def free_port() -> int:
-    for port in range(24000, 24200):
-        try:
-            for host in HOSTS:
-                with socket.socket() as probe:
-                    probe.bind((host, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port")
 
 
 async def start(tmp_path: Path, host: str, port: int, *args: str) -> CounterDBService:
@@ -57,7 +45,7 @@ async def get_json(url: str) -> Any:
 
 @pytest_twisted.ensureDeferred
 async def test_post_to_one_join_and_removal_on_real_sockets(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_common_port(HOSTS)
     a, b, c = (f"http://{host}:{port}" for host in HOSTS)
     services = []
     try:

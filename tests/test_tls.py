@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from twisted.internet.task import deferLater
 from twisted.python.usage import UsageError
 from twisted.web.client import Agent
 
+from counterdb.localcluster import free_common_port
 from counterdb.service import CounterDBService
 from counterdb.tap import Options, makeService
 from counterdb.tls import TLSConfig
@@ -46,20 +46,6 @@ def options(port: int, host: str, data: Path, files: dict[str, str], *extra: str
         ]
     )
     return parsed
-
-
-def free_port() -> int:
-    for port in range(23000, 23200):
-        ok = True
-        for host in HOSTS:
-            with socket.socket() as probe:
-                try:
-                    probe.bind((host, port))
-                except OSError:
-                    ok = False
-        if ok:
-            return port
-    raise RuntimeError("no free port")
 
 
 async def wait_for(predicate: Callable[[], Any], what: str) -> None:
@@ -101,7 +87,7 @@ async def test_a_tls_cluster_converges_and_nodes_with_foreign_or_misnamed_certif
     address is never sent anything: members check the actor's address
     against the certificate they are shown."""
     ca, stranger_ca = trustme.CA(), trustme.CA()
-    port = free_port()
+    port = free_common_port(HOSTS)
     services: list[CounterDBService] = []
     try:
         for i, host in enumerate(MEMBERS):
