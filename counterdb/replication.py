@@ -56,6 +56,10 @@ class SyncSettings:
     backoff_max: float = 5.0
     peer_timeout: float = 5.0
     poll_batch: int = 5_000  # counters per GET /sync answer
+    #: Least time between the starts of two pushes to one peer. An idle
+    #: link pushes at once; a busy one sends what became dirty meanwhile
+    #: in one push per interval (docs/design.md, "Pushes").
+    min_push_interval: float = 0.02
 
 
 @attrs.define
@@ -113,6 +117,7 @@ class PeerLink:
         self.replication_hears_config: Callable[[PeerLink, Any], None] = lambda link, config: None
         self._push_soon: IDelayedCall | None = None
         self._pushing: Deferred[None] | None = None
+        self._last_push: float | None = None  # clock.seconds() when the last push started
         self._given_up = False
         self._since = 0
         self._epoch: str | None = None
@@ -165,7 +170,11 @@ class PeerLink:
         attempt = 0
         try:
             while self.dirty and self.conflict is None:
+                await self._wait_for_push_interval()
+                if not self.dirty:
+                    break  # a poll answer or a refusal emptied it meanwhile
                 batch, body = self._take_push_batch()
+                self._last_push = self.clock.seconds()
                 try:
                     answer = await self.client.push(body)
                     self.check_replica(answer.get("replica") if isinstance(answer, dict) else None)
@@ -199,6 +208,13 @@ class PeerLink:
                     self.note_reachable()
         finally:
             self._pushing = None
+
+    async def _wait_for_push_interval(self) -> None:
+        if self._last_push is None:
+            return
+        wait = self._last_push + self.settings.min_push_interval - self.clock.seconds()
+        if wait > 0:
+            await deferLater(self.clock, wait)
 
     def _take_push_batch(self) -> tuple[set[str], bytes]:
         """Dirty counters whose encoded push stays under :data:`MAX_PUSH_BYTES`

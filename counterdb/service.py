@@ -69,6 +69,7 @@ class ServiceConfig:
     access: Access = Access()
     tls: TLSConfig | None = None
     max_counters: int | None = None
+    access_log: bool = False  # --access-log: a line per client request
     join: Actor | None = None  # --join: a member to join through, when this node has no list
 
 
@@ -311,17 +312,21 @@ class SyncService(Service):
 
 
 class CounterDBSite(GuardedSite):
-    """A Site that leaves node-to-node sync (``/sync``, every poll interval
-    per peer) out of the access log, so the log shows what clients did.
-    Request bodies are never parsed as forms: every endpoint reads JSON or
-    a number, and a malformed multipart body must get our JSON 400."""
+    """The node's Site. Its access log is off unless asked for: a line per
+    increment cost about a third of a busy node's throughput
+    (docs/benchmarks.md); when on, it leaves out node-to-node sync
+    (``/sync``, every poll interval per peer) and probes, so the log shows
+    what clients did. Request bodies are never parsed as forms: every
+    endpoint reads JSON or a number, and a malformed multipart body must
+    get our JSON 400."""
 
-    def __init__(self, resource: Resource) -> None:
+    def __init__(self, resource: Resource, access_log: bool = False) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False)
         self.displayTracebacks = False
+        self.access_log = access_log
 
     def log(self, request: object) -> None:
-        if not quiet_path(getattr(request, "path", b"")):
+        if self.access_log and not quiet_path(getattr(request, "path", b"")):
             super().log(request)
 
 
@@ -349,7 +354,7 @@ class CounterDBService(MultiService):
         self.root = observed_root(
             _Starting(), self.readiness, self.metrics, metrics_secrets=[config.access.api, config.access.cluster]
         )
-        self.site = CounterDBSite(self.root)
+        self.site = CounterDBSite(self.root, access_log=config.access_log)
         self.storage = StoreService(lambda: store or _open_store(config, reactor), reactor, config.max_counters)
         factory = config.tls.wrap(self.site) if config.tls else self.site
         self.web = ListeningService(config.endpoint, reactor, factory)

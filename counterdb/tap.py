@@ -24,6 +24,13 @@ from counterdb.tls import TLSConfig, TLSFileError, load_tls
 _DEFAULTS = SyncSettings()
 
 
+def _seconds_or_zero(text: str) -> float:
+    try:
+        return 0.0 if float(text) == 0 else _seconds(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, 0 or more, got {text!r}") from None
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -88,6 +95,13 @@ class Options(usage.Options):
             "Retries of a failed push before leaving a peer to polling.",
             _count,
         ],
+        [
+            "min-push-interval",
+            None,
+            _DEFAULTS.min_push_interval,
+            "Least seconds between two pushes to one peer: a busy node batches what changed meanwhile (0: no wait).",
+            _seconds_or_zero,
+        ],
         ["backoff-initial", None, _DEFAULTS.backoff_initial, "First retry delay in seconds.", _seconds],
         ["backoff-max", None, _DEFAULTS.backoff_max, "Largest retry delay in seconds.", _seconds],
         ["peer-timeout", None, _DEFAULTS.peer_timeout, "Seconds before a peer request is abandoned.", _seconds],
@@ -116,6 +130,7 @@ class Options(usage.Options):
         ["tls-ca", None, None, "The CA certificate (PEM) that every peer's certificate must come from."],
     ]
     optFlags = [
+        ["access-log", None, "Log a line per client request (combined log format); off by default."],
         [
             "tls-require-client-cert",
             None,
@@ -202,6 +217,7 @@ def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBSer
         backoff_initial=options["backoff-initial"],
         backoff_max=options["backoff-max"],
         peer_timeout=options["peer-timeout"],
+        min_push_interval=options["min-push-interval"],
     )
     config = ServiceConfig(
         endpoint=options["endpoint"],
@@ -213,6 +229,7 @@ def makeService(options: Options, reactor: Any = global_reactor) -> CounterDBSer
         access=options["access"],
         tls=options["tls"],
         max_counters=options["max-counters"],
+        access_log=bool(options["access-log"]),
         join=options["join"],
     )
     return CounterDBService(config, reactor)

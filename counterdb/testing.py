@@ -40,7 +40,11 @@ from counterdb.replication import Replication, SyncSettings
 from counterdb.store import MemoryStore, Store
 
 PORT = 8080
-FAST = SyncSettings(poll_interval=1.0, push_retries=3, backoff_initial=0.1, backoff_max=1.0, peer_timeout=2.0)
+#: Quick retries, and pushes that never wait for the push interval (tests
+#: of the interval set their own): fake time only moves when a test says so.
+FAST = SyncSettings(
+    poll_interval=1.0, push_retries=3, backoff_initial=0.1, backoff_max=1.0, peer_timeout=2.0, min_push_interval=0
+)
 
 
 class _Hang(Resource):

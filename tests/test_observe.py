@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from nodes import START_TIMEOUT, STOP_TIMEOUT, checkout_env, http_request, twistd_command, wait_until
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -408,6 +409,7 @@ def run_node(tmp_path: Path, *logger_args: str, host: str = "127.0.0.5") -> tupl
         "--logger",
         "counterdb.observe.json_logger",
         "counterdb",
+        "--access-log",
         "--port",
         "0",
         "--interface",
@@ -479,3 +481,21 @@ def test_twistd_logs_json_lines_to_the_logfile(tmp_path: Path) -> None:
     finally:
         stop(process)
     assert stdout.read_text() == ""
+
+
+@pytest.mark.parametrize("access_log, expected", [(False, []), (True, ["/counter/c"])])
+def test_the_access_log_is_off_unless_asked_for(access_log: bool, expected: list[str]) -> None:
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from counterdb.service import CounterDBSite
+
+    site = CounterDBSite(Resource(), access_log=access_log)
+    lines: list[str] = []
+    site._logFile = type("Lines", (), {"write": lambda self, line: lines.append(line)})()
+    site._logFormatter = lambda when, request: request.path.decode()
+    for path in (b"/counter/c", b"/sync"):
+        request = DummyRequest([])
+        request.path = path
+        site.log(request)
+    assert [line.strip() for line in lines] == expected

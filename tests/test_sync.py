@@ -411,3 +411,39 @@ def test_describe_failure_gives_one_readable_reason() -> None:
     wrapped = ResponseNeverReceived([Failure(ConnectionRefusedError("Connection refused"))])
     reason = describe_failure(Failure(wrapped))
     assert "refused" in reason and "\n" not in reason and "Failure" not in reason
+
+
+def test_a_busy_link_pushes_once_per_push_interval_and_an_idle_one_at_once() -> None:
+    net = FakeNet(attrs.evolve(FAST, min_push_interval=0.02))
+    nodes = net.cluster_of(A, B)
+    pushes = lambda: net.requests_to(B, "POST", "/sync")  # noqa: E731
+    before = len(pushes())
+    nodes[0].node.increment("c", 1)
+    net.settle()
+    assert len(pushes()) == before + 1 and net.value(B, "c") == 1  # the first push does not wait
+    for _ in range(5):  # five more within the interval: they wait, then go in one push
+        nodes[0].node.increment("c", 1)
+        net.settle()
+    assert len(pushes()) == before + 1 and net.value(B, "c") == 1
+    net.clock.advance(0.02)
+    net.settle()
+    assert len(pushes()) == before + 2 and net.value(B, "c") == 6
+    net.clock.advance(1.0)  # idle for longer than the interval: the next push goes at once
+    net.settle()
+    nodes[0].node.increment("c", 1)
+    net.settle()
+    assert net.value(B, "c") == 7
+
+
+def test_stopping_cancels_a_push_waiting_for_its_interval() -> None:
+    net = FakeNet(attrs.evolve(FAST, min_push_interval=5.0))
+    nodes = net.cluster_of(A, B)
+    nodes[0].node.increment("c", 1)
+    net.settle()
+    nodes[0].node.increment("c", 1)
+    net.settle()
+    stopped = [n.replication.stop() for n in nodes]
+    net.settle()
+    assert all(net.fired(d) for d in stopped)
+    assert net.clock.getDelayedCalls() == []  # the wait for the interval is gone too
+    assert net.value(B, "c") == 1
