@@ -8,16 +8,18 @@ import random
 
 import attrs
 import pytest
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 
+from counterdb.node import Node
 from counterdb.peer_client import describe_failure
-from counterdb.replication import MAX_PUSH_BYTES, SyncSettings, backoff_delay
+from counterdb.replication import MAX_PUSH_BYTES, PeerLink, SyncSettings, backoff_delay
 from counterdb.store import MemoryStore
 from counterdb.testing import FAST, FakeNet, SimNode
 from counterdb.wire import MAX_BODY_BYTES
@@ -413,37 +415,60 @@ def test_describe_failure_gives_one_readable_reason() -> None:
     assert "refused" in reason and "\n" not in reason and "Failure" not in reason
 
 
+class HeldPushes:
+    """A peer client whose pushes are answered when the test says so."""
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[bytes, Deferred[dict[str, str]]]] = []
+
+    def push(self, body: bytes) -> Deferred[dict[str, str]]:
+        d: Deferred[dict[str, str]] = Deferred()
+        self.pushes.append((body, d))
+        return d
+
+    def answer(self) -> None:
+        for _, d in self.pushes:
+            if not d.called:
+                d.callback({"replica": "peer-b"})
+
+
 def test_a_busy_link_pushes_once_per_push_interval_and_an_idle_one_at_once() -> None:
-    net = FakeNet(attrs.evolve(FAST, min_push_interval=0.02))
-    nodes = net.cluster_of(A, B)
-    pushes = lambda: net.requests_to(B, "POST", "/sync")  # noqa: E731
-    before = len(pushes())
-    nodes[0].node.increment("c", 1)
-    net.settle()
-    assert len(pushes()) == before + 1 and net.value(B, "c") == 1  # the first push does not wait
-    for _ in range(5):  # five more within the interval: they wait, then go in one push
-        nodes[0].node.increment("c", 1)
-        net.settle()
-    assert len(pushes()) == before + 1 and net.value(B, "c") == 1
-    net.clock.advance(0.02)
-    net.settle()
-    assert len(pushes()) == before + 2 and net.value(B, "c") == 6
-    net.clock.advance(1.0)  # idle for longer than the interval: the next push goes at once
-    net.settle()
-    nodes[0].node.increment("c", 1)
-    net.settle()
-    assert net.value(B, "c") == 7
+    clock = Clock()
+    node = Node(MemoryStore(), clock)
+    client = HeldPushes()
+    settings = attrs.evolve(FAST, min_push_interval=0.02)
+    link = PeerLink(node, "127.0.0.3", client, clock, settings, random.Random(1), lambda link, replica: None)
+    node.on_local_change(link.mark_dirty)
+    for i in range(3):  # one at a time, each answered before the next: never a wait
+        node.increment("idle", 1)
+        clock.advance(0)
+        assert len(client.pushes) == i + 1
+        client.answer()
+    node.increment("busy", 1)
+    clock.advance(0)
+    assert len(client.pushes) == 4
+    for _ in range(5):  # changes while that push is out: a busy link
+        node.increment("busy", 1)
+    client.answer()
+    clock.advance(0.019)
+    assert len(client.pushes) == 4  # the next push waits for the interval
+    clock.advance(0.001)
+    assert len(client.pushes) == 5 and b'"busy"' in client.pushes[-1][0]  # and carries the five
 
 
 def test_stopping_cancels_a_push_waiting_for_its_interval() -> None:
-    net = FakeNet(attrs.evolve(FAST, min_push_interval=5.0))
-    nodes = net.cluster_of(A, B)
-    nodes[0].node.increment("c", 1)
-    net.settle()
-    nodes[0].node.increment("c", 1)
-    net.settle()
-    stopped = [n.replication.stop() for n in nodes]
-    net.settle()
-    assert all(net.fired(d) for d in stopped)
-    assert net.clock.getDelayedCalls() == []  # the wait for the interval is gone too
-    assert net.value(B, "c") == 1
+    clock = Clock()
+    node = Node(MemoryStore(), clock)
+    client = HeldPushes()
+    settings = attrs.evolve(FAST, min_push_interval=5.0)
+    link = PeerLink(node, "127.0.0.3", client, clock, settings, random.Random(1), lambda link, replica: None)
+    node.on_local_change(link.mark_dirty)
+    node.increment("c", 1)
+    clock.advance(0)
+    node.increment("c", 1)  # while the first push is out: the next waits 5 s
+    client.answer()
+    assert clock.getDelayedCalls() != []
+    stopped = link.stop()
+    assert stopped.called
+    assert clock.getDelayedCalls() == []  # the wait is gone
+    assert len(client.pushes) == 1 and link.dirty == {"c"}  # polling carries it later
