@@ -119,6 +119,7 @@ class GuardedChannel(HTTPChannel):
     _refused = False
     _heard = False  # bytes of a next request arrived since the last response
     _deadline: IDelayedCall | None = None
+    _on_deadline: Any = None  # what the deadline timer does when it fires, if anything
     _abort: IDelayedCall | None = None
     _header_bytes = 0
 
@@ -134,7 +135,7 @@ class GuardedChannel(HTTPChannel):
         self._arm(limits.header_timeout, self._headers_too_slow)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._disarm()
+        self._cancel_deadline()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self._abort = None
@@ -230,7 +231,7 @@ class GuardedChannel(HTTPChannel):
         """Stop reading and close; abort if the client does not read the
         answer, so a refused connection cannot keep its descriptor."""
         self._refused = True
-        self._disarm()
+        self._cancel_deadline()
         self.setTimeout(None)
         self.loseConnection()
         self._abort = self.callLater(self.site.limits.abort_timeout, self._abort_now)
@@ -242,11 +243,27 @@ class GuardedChannel(HTTPChannel):
 
     # -- the deadline -------------------------------------------------------
 
+    # One timer per connection, moved rather than replaced: arming and
+    # disarming happen twice per request, and a cancelled call stays in
+    # the reactor's heap until it comes due.
+
     def _arm(self, seconds: float, expired: Any) -> None:
-        self._disarm()
-        self._deadline = self.callLater(seconds, expired)
+        self._on_deadline = expired
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(seconds)
+        else:
+            self._deadline = self.callLater(seconds, self._deadline_passed)
 
     def _disarm(self) -> None:
+        self._on_deadline = None  # the timer may still fire: it then does nothing
+
+    def _deadline_passed(self) -> None:
+        expired, self._on_deadline = self._on_deadline, None
+        if expired is not None:
+            expired()
+
+    def _cancel_deadline(self) -> None:
+        self._on_deadline = None
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import treq
+from hyperlink import EncodedURL
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
@@ -25,12 +26,16 @@ from counterdb.wire import MAX_ANSWER_BYTES, REPLICA_HEADER, BadJSON, decode_jso
 
 #: How much of a refusal's body goes into the error message.
 _REASON_CHARS = 200
+#: Every peer request: a peer that redirects is not followed (it would send
+#: this node's cluster secret elsewhere), and answers are read by
+#: :meth:`PeerClient._json_body` under its own size cap, not buffered first.
+_PEER_REQUEST: dict[str, Any] = {"allow_redirects": False, "unbuffered": True}
 
 
 class HTTPClient(Protocol):
-    def get(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+    def get(self, url: str | EncodedURL, **kwargs: Any) -> Deferred[Any]: ...
 
-    def post(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+    def post(self, url: str | EncodedURL, **kwargs: Any) -> Deferred[Any]: ...
 
 
 class PeerUnreachable(Exception):
@@ -73,6 +78,7 @@ class PeerClient:
         self.page_size = page_size
         self._replica_id = replica_id
         self._authorization = authorization  # "Bearer <cluster secret>": never logged
+        self._sync_url = EncodedURL.from_text(f"{base_url}/sync")
 
     def _headers(self) -> dict[str, list[str]]:
         headers = {REPLICA_HEADER: [self._replica_id()]}
@@ -82,25 +88,26 @@ class PeerClient:
 
     def get_changes(self, since: int, epoch: str | None) -> Deferred[Any]:
         params = {"since": str(since), "epoch": epoch or "", "limit": str(self.page_size)}
-        return self._call(self.http.get(f"{self.base_url}/sync", params=params, headers=self._headers()))
+        return self._call(self.http.get(self._sync_url, params=params, headers=self._headers(), **_PEER_REQUEST))
 
     def push(self, body: bytes) -> Deferred[Any]:
         """POST /sync with a body already encoded (and size-checked) by the caller."""
         headers = {**self._headers(), "Content-Type": ["application/json"]}
-        return self._call(self.http.post(f"{self.base_url}/sync", data=body, headers=headers))
+        # The URL parsed once: a busy node pushes tens of times a second.
+        return self._call(self.http.post(self._sync_url, data=body, headers=headers, **_PEER_REQUEST))
 
     def get_config(self) -> Deferred[Any]:
-        return self._call(self.http.get(f"{self.base_url}/config", headers=self._headers()))
+        return self._call(self.http.get(f"{self.base_url}/config", headers=self._headers(), **_PEER_REQUEST))
 
     def post_config(self, config: dict[str, Any]) -> Deferred[Any]:
         """Hand the peer a versioned actors list (it keeps it if newer)."""
         headers = {**self._headers(), "Content-Type": ["application/json"]}
         body = encode_json(config)
-        return self._call(self.http.post(f"{self.base_url}/config", data=body, headers=headers))
+        return self._call(self.http.post(f"{self.base_url}/config", data=body, headers=headers, **_PEER_REQUEST))
 
     def get_counter(self, name: str) -> Deferred[Any]:
         url = f"{self.base_url}/counter/{quote(name, safe='')}/getsync"
-        return self._call(self.http.get(url, headers=self._headers()))
+        return self._call(self.http.get(url, headers=self._headers(), **_PEER_REQUEST))
 
     def _call(self, request: Deferred[Any]) -> Deferred[Any]:
         answer = cancellable(request.addCallback(self._json_body))

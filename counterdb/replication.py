@@ -56,10 +56,10 @@ class SyncSettings:
     backoff_max: float = 5.0
     peer_timeout: float = 5.0
     poll_batch: int = 5_000  # counters per GET /sync answer
-    #: Least time between the starts of two back-to-back pushes to one
-    #: peer. A change on an idle link is pushed at once; changes made while
-    #: a push is out go in the next push, one per interval at most
-    #: (docs/design.md, "Pushes").
+    #: Least time between the starts of two pushes to one peer. A change
+    #: after a quiet spell is pushed at once; changes coming faster go,
+    #: together, in one push per interval: a push costs the sender about
+    #: as much CPU as a few increments (docs/design.md, "Pushes").
     min_push_interval: float = 0.02
 
 
@@ -118,7 +118,7 @@ class PeerLink:
         self.replication_hears_config: Callable[[PeerLink, Any], None] = lambda link, config: None
         self._push_soon: IDelayedCall | None = None
         self._pushing: Deferred[None] | None = None
-        self._last_push: float | None = None  # when the running push loop's last push started
+        self._last_push: float | None = None  # when the last push started
         self._given_up = False
         self._since = 0
         self._epoch: str | None = None
@@ -172,7 +172,6 @@ class PeerLink:
         try:
             while self.dirty and self.conflict is None:
                 if self._last_push is not None:
-                    # Changes came while the last push was out: a busy link.
                     await self._wait_for_push_interval(self._last_push)
                 batch, body = self._take_push_batch()
                 self._last_push = self.clock.seconds()
@@ -209,7 +208,6 @@ class PeerLink:
                     self.note_reachable()
         finally:
             self._pushing = None
-            self._last_push = None
 
     async def _wait_for_push_interval(self, last_push: float) -> None:
         wait = last_push + self.settings.min_push_interval - self.clock.seconds()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from typing import Any
 
 import attrs
 import pytest
@@ -432,43 +433,68 @@ class HeldPushes:
                 d.callback({"replica": "peer-b"})
 
 
-def test_a_busy_link_pushes_once_per_push_interval_and_an_idle_one_at_once() -> None:
-    clock = Clock()
-    node = Node(MemoryStore(), clock)
-    client = HeldPushes()
-    settings = attrs.evolve(FAST, min_push_interval=0.02)
+class HeldCommits(MemoryStore):
+    """Commits wait until the test lets them through, so increments batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Deferred[None]] = []
+
+    def write_own(self, partials: dict[str, int], keys: Any = ()) -> Deferred[None]:
+        super().write_own(partials, keys)
+        d: Deferred[None] = Deferred()
+        self.held.append(d)
+        return d
+
+    def finish(self) -> None:
+        for d in list(self.held):  # not the commits these start
+            if not d.called:
+                d.callback(None)
+
+
+def linked_node(interval: float) -> tuple[Clock, Node, HeldCommits, HeldPushes, PeerLink]:
+    clock, store, client = Clock(), HeldCommits(), HeldPushes()
+    node = Node(store, clock)
+    settings = attrs.evolve(FAST, min_push_interval=interval)
     link = PeerLink(node, "127.0.0.3", client, clock, settings, random.Random(1), lambda link, replica: None)
     node.on_local_change(link.mark_dirty)
-    for i in range(3):  # one at a time, each answered before the next: never a wait
-        node.increment("idle", 1)
-        clock.advance(0)
-        assert len(client.pushes) == i + 1
-        client.answer()
-    node.increment("busy", 1)
+    return clock, node, store, client, link
+
+
+def test_a_change_after_a_quiet_spell_is_pushed_at_once_and_faster_ones_once_per_interval() -> None:
+    clock, node, store, client, _ = linked_node(0.02)
+    node.increment("c", 1)
+    store.finish()
     clock.advance(0)
-    assert len(client.pushes) == 4
-    for _ in range(5):  # changes while that push is out: a busy link
-        node.increment("busy", 1)
+    assert len(client.pushes) == 1  # the first change: no wait
     client.answer()
-    clock.advance(0.019)
-    assert len(client.pushes) == 4  # the next push waits for the interval
-    clock.advance(0.001)
-    assert len(client.pushes) == 5 and b'"busy"' in client.pushes[-1][0]  # and carries the five
+    for _ in range(5):  # more within the interval, each its own commit
+        node.increment("c", 1)
+        store.finish()
+        clock.advance(0.001)
+        client.answer()
+    assert len(client.pushes) == 1  # they wait for the interval ...
+    clock.advance(0.015)
+    assert len(client.pushes) == 2 and b":6}" in client.pushes[-1][0]  # ... and go in one push
+    client.answer()
+    clock.advance(1.0)  # a quiet spell
+    node.increment("c", 1)
+    store.finish()
+    clock.advance(0)
+    assert len(client.pushes) == 3  # at once again
 
 
 def test_stopping_cancels_a_push_waiting_for_its_interval() -> None:
-    clock = Clock()
-    node = Node(MemoryStore(), clock)
-    client = HeldPushes()
-    settings = attrs.evolve(FAST, min_push_interval=5.0)
-    link = PeerLink(node, "127.0.0.3", client, clock, settings, random.Random(1), lambda link, replica: None)
-    node.on_local_change(link.mark_dirty)
+    clock, node, store, client, link = linked_node(5.0)
     node.increment("c", 1)
+    node.increment("c", 1)
+    node.increment("c", 1)
+    store.finish()
     clock.advance(0)
-    node.increment("c", 1)  # while the first push is out: the next waits 5 s
+    store.finish()  # changed again within the interval: the next push waits 5 s
     client.answer()
     assert clock.getDelayedCalls() != []
     stopped = link.stop()
     assert stopped.called
     assert clock.getDelayedCalls() == []  # the wait is gone
-    assert len(client.pushes) == 1 and link.dirty == {"c"}  # polling carries it later
+    assert len(client.pushes) == 1 and link.dirty == {"c"}
