@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""
+The baselines the throughput benchmark measures counterdb against, each a
+process that serves ``POST /counter/<name>`` by adding 1 to a dict and
+answering the new value: nothing durable, nothing replicated.
+
+    python benchmarks/baselines.py klein 127.0.0.9 19000
+    python benchmarks/baselines.py resource 127.0.0.9 19001
+
+``klein``: a bare Klein route (as ``app.run`` would serve it, minus the
+access log); ``resource``: a bare ``twisted.web`` ``Resource``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from klein import Klein
+from twisted.internet import reactor
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+counts: dict[Any, int] = {}
+
+
+def klein_root() -> Resource:
+    app = Klein()
+
+    @app.route("/counter/<name>", methods=["POST"])
+    def increment(request: Any, name: str) -> str:
+        counts[name] = counts.get(name, 0) + 1
+        return str(counts[name])
+
+    return app.resource()
+
+
+class PlainCounter(Resource):
+    isLeaf = True
+
+    def render_POST(self, request: Any) -> bytes:
+        name = request.postpath[-1]
+        counts[name] = counts.get(name, 0) + 1
+        return b"%d" % counts[name]
+
+
+def main() -> None:
+    kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    root = klein_root() if kind == "klein" else PlainCounter()
+    reactor.listenTCP(port, Site(root), interface=host)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()

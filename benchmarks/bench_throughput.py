@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""
+Durable, replicated increments against two baselines that do neither.
+
+Three kinds of server answer ``POST /counter/<name>`` side by side in one
+run, on loopback, all loaded by the same ``wrk`` (one thread):
+
+* **counterdb**: node A of a 3-node ``LocalCluster`` (``twistd -n
+  counterdb``, default options: ``--durability full``, so every answer
+  waits for an fsynced SQLite commit, and every increment is pushed to B
+  and C);
+* **bare Klein**: a Klein route that adds 1 to a dict
+  (``benchmarks/baselines.py klein``);
+* **bare twisted.web**: a ``Resource`` that does the same
+  (``baselines.py resource``).
+
+For each number of connections the three are measured in turn, ``rounds``
+times (interleaved, so a slow minute of the machine hits all three), and
+the median round is kept. Then bulk increments: ``POST /counters`` with 100
+counters per request on A, and at the end the peers must show A's values
+(replicated, not only acknowledged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import LocalCluster, cpu_seconds, node_pids, status, value, wrk  # noqa: E402
+
+TITLE = "Durable replicated increments against bare Klein and twisted.web"
+BASELINE_HOST = "127.0.0.9"
+BASELINE_PORTS = {"bare Klein": 19_090, "bare twisted.web": 19_091}
+SERVERS = ("counterdb", "bare Klein", "bare twisted.web")
+BULK_COUNTERS = 100
+
+
+def _start_baseline(kind: str, port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, str(HERE / "baselines.py"), kind, BASELINE_HOST, str(port)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            wrk(f"http://{BASELINE_HOST}:{port}/counter/warm", 1, 1)
+            return process
+        except subprocess.CalledProcessError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"the {kind} baseline did not start")
+
+
+def _measure(url: str, clients: int, seconds: float, pid: int | None, body: str | None = None) -> dict:
+    cpu0, t0 = (cpu_seconds(pid) if pid else 0.0), time.perf_counter()
+    result = wrk(url, clients, seconds, body=body)
+    if pid:
+        result["cpu"] = (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+    return result
+
+
+def _single(cluster: LocalCluster, pids: dict[str, int], clients: list[int], rounds: int, seconds: float) -> dict:
+    a = cluster.nodes[0]
+    urls = {
+        "counterdb": cluster.url(a) + "/counter/single",
+        **{name: f"http://{BASELINE_HOST}:{port}/counter/single" for name, port in BASELINE_PORTS.items()},
+    }
+    results: dict[str, dict[str, dict]] = {server: {} for server in SERVERS}
+    for n in clients:
+        runs: dict[str, list[dict]] = {server: [] for server in SERVERS}
+        for _ in range(rounds):
+            for server in SERVERS:
+                before = status(cluster.url(a))["stats"] if server == "counterdb" else None
+                r = _measure(urls[server], n, seconds, pids[server])
+                if before is not None:
+                    after = status(cluster.url(a))["stats"]
+                    r["per_commit"] = (after["committed_increments"] - before["committed_increments"]) / max(
+                        1, after["commits"] - before["commits"]
+                    )
+                runs[server].append(r)
+        for server in SERVERS:
+            results[server][str(n)] = sorted(runs[server], key=lambda r: r["rps"])[len(runs[server]) // 2]
+        print(f"   {n:>3} connections: " + ", ".join(f"{s} {results[s][str(n)]['rps']:,.0f}/s" for s in SERVERS))
+    return results
+
+
+def _bulk(cluster: LocalCluster, pids: dict[str, int], seconds: float) -> dict:
+    a, *peers = cluster.nodes
+    body = json.dumps({"increments": {f"bulk{i}": 1 for i in range(BULK_COUNTERS)}})
+    before = status(cluster.url(a))
+    r = _measure(cluster.url(a) + "/counters", 32, seconds, pids["counterdb"], body)
+    r["increments_per_s"] = r["rps"] * BULK_COUNTERS
+    final = value(cluster.url(a), "bulk0")
+    deadline, seen = time.monotonic() + 30, {}
+    for p in peers:
+        while (shown := value(cluster.url(p), "bulk0")) < final and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen[p] = shown
+    after = status(cluster.url(a))
+    r["replicated"] = all(v >= final for v in seen.values())
+    r["counted"] = final * BULK_COUNTERS
+    r["pushes"] = sum(
+        after["peers"][p]["stats"]["pushes"] - before["peers"][p]["stats"]["pushes"] for p in after["peers"]
+    )
+    return r
+
+
+def run(quick: bool) -> dict:
+    clients = [1, 8, 32, 64] if not quick else [1, 32]
+    rounds, seconds = (1, 3.0) if quick else (3, 5.0)
+    baselines = {
+        name: _start_baseline(name.split()[1].replace("twisted.web", "resource").lower(), port)
+        for name, port in BASELINE_PORTS.items()
+    }
+    try:
+        with tempfile.TemporaryDirectory(prefix="counterdb-throughput-") as tmp, LocalCluster(tmp, 3) as cluster:
+            pids = {"counterdb": node_pids(cluster)[cluster.nodes[0]], **{n: p.pid for n, p in baselines.items()}}
+            single = _single(cluster, pids, clients, rounds, seconds)
+            bulk = _bulk(cluster, pids, seconds)
+    finally:
+        for process in baselines.values():
+            process.terminate()
+            process.wait(10)
+    return {"clients": clients, "rounds": rounds, "seconds": seconds, "single": single, "bulk": bulk}
+
+
+def report(results: dict, img_dir: Path) -> str:
+    single, bulk = results["single"], results["bulk"]
+    lines = [
+        "Three kinds of server answer `POST /counter/<name>`, measured in turn in one run by the same"
+        " `wrk` (one thread) on loopback: **counterdb**, node A of a 3-node `LocalCluster` with default options"
+        " (every answer waits for an fsynced SQLite commit; every increment is pushed to B and C); **bare"
+        " Klein**, a Klein route that adds 1 to a dict; **bare twisted.web**, a `Resource` that does the same"
+        " (`benchmarks/baselines.py`). Rounds are interleaved, so a slow minute of the machine hits all"
+        " three; the median round is shown.",
+        "",
+        f"{results['rounds']} round(s) of {results['seconds']:g} s per server and number of connections.",
+        "",
+        "| connections | counterdb incr/s | bare Klein req/s | ratio | bare twisted.web req/s"
+        " | counterdb p50 / p99 ms | Klein p50 / p99 ms | counterdb CPU | incr/commit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in map(str, results["clients"]):
+        c, k, t = single["counterdb"][n], single["bare Klein"][n], single["bare twisted.web"][n]
+        lines.append(
+            f"| {n} | {c['rps']:,.0f} | {k['rps']:,.0f} | **{c['rps'] / k['rps']:.2f}** | {t['rps']:,.0f}"
+            f" | {c['p50']:.2f} / {c['p99']:.2f} | {k['p50']:.2f} / {k['p99']:.2f} | {c.get('cpu', 0):.0%}"
+            f" | {c.get('per_commit', 0):.1f} |"
+        )
+    at32 = single["counterdb"].get("32")
+    if at32:
+        ratio = at32["rps"] / single["bare Klein"]["32"]["rps"]
+        lines += [
+            "",
+            f"Target at 32 connections: ratio to bare Klein at least 1.0 (measured {ratio:.2f}) and p99 under"
+            f" 5 ms (measured {at32['p99']:.2f} ms). Errors: "
+            + ", ".join(f"{s} {single[s]['32']['errors'] or 'none'}" for s in SERVERS)
+            + ".",
+        ]
+    lines += [
+        "",
+        f"**Bulk** (`POST /counters`, {BULK_COUNTERS} counters per request, 32 connections, on A of the same"
+        f" cluster): {bulk['rps']:,.0f} requests/s = **{bulk['increments_per_s']:,.0f} durable increments/s**"
+        f" (target 100,000), p50 {bulk['p50']:.2f} ms, p99 {bulk['p99']:.2f} ms, A's CPU {bulk.get('cpu', 0):.0%},"
+        f" {bulk['pushes']} pushes to B and C; replicated to both peers: {'yes' if bulk['replicated'] else 'NO'};"
+        f" errors: {bulk['errors'] or 'none'}.",
+    ]
+    lines += ["", *_plots(results, img_dir)]
+    return "\n".join(lines)
+
+
+def _plots(results: dict, img_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single, clients = results["single"], results["clients"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for server in SERVERS:
+        ax.plot(clients, [single[server][str(n)]["rps"] for n in clients], marker="o", label=server)
+    ax.set(xlabel="connections (wrk)", ylabel="requests/s", title="POST /counter/<name>", xscale="log")
+    ax.set_xticks(clients, [str(n) for n in clients])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(img_dir / "throughput.png", dpi=100)
+    plt.close(fig)
+
+    n = "32" if "32" in single["counterdb"] else str(clients[-1])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for server in SERVERS:
+        cdf = single[server][n]["cdf"]
+        points = sorted((float(p), ms) for p, ms in cdf.items())
+        ax.plot([ms for _, ms in points], [p for p, _ in points], marker=".", label=server)
+    ax.set(xlabel="latency ms", ylabel="percentile", title=f"latency CDF at {n} connections", xscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(img_dir / "latency_cdf.png", dpi=100)
+    plt.close(fig)
+    return [
+        "![requests/s against connections](img/throughput.png)",
+        "",
+        "![latency CDF](img/latency_cdf.png)",
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    results = run(args.quick)
+    out = Path(tempfile.mkdtemp(prefix="counterdb-throughput-img-"))
+    print(report(results, out))
+    print(f"\n(plots in {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
