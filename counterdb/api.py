@@ -150,15 +150,15 @@ class CounterAPI:
         if not isinstance(result, Deferred):
             return result
         request.notifyFinish().addErrback(lambda _: result.cancel())
-        result.addErrback(self._error_unless_gone, request)
-        result.addCallback(_write_whole, request)
+        # One (callback, errback) pair: a Deferred costs per entry, and this
+        # runs for nearly every request.
+        result.addCallbacks(_write_whole, self._write_error, callbackArgs=(request,), errbackArgs=(request,))
         result.addErrback(lambda f: self.log.failure("could not write an answer", f))
         return NOT_DONE_YET
 
-    def _error_unless_gone(self, failure: Failure, request: IRequest) -> bytes | None:
-        if _gone(request):
-            return None  # the client left and the Deferred was cancelled: nobody to answer
-        return self.error(request, failure)
+    def _write_error(self, failure: Failure, request: IRequest) -> None:
+        if not _gone(request):  # else the client left, and nobody is there to answer
+            _write_whole(self.error(request, failure), request)
 
     # -- cluster configuration ----------------------------------------------
 
@@ -247,8 +247,7 @@ class CounterAPI:
     ) -> Deferred[bytes]:
         if self.metrics is not None:
             self.metrics.track_increment(d)
-        d.addCallback(answer, request)
-        d.addErrback(_increment_error)
+        d.addCallbacks(answer, _increment_error, callbackArgs=(request,))
         return d
 
     @app.route("/counters", methods=["GET"])
