@@ -48,6 +48,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's counterdb
+from common import visibility  # same directory: ack-to-peer visibility, shared with bench_visibility
+
 from counterdb.localcluster import LocalCluster
 
 
@@ -197,38 +199,6 @@ def one_node(root: Path, durability: str, args: argparse.Namespace, use_wrk: boo
     return rows
 
 
-def convergence(cluster: LocalCluster, samples: int) -> dict:
-    a, *peers = cluster.nodes
-    conn_a = connect(cluster.url(a))
-    conns = {p: connect(cluster.url(p)) for p in peers}
-    delays: dict[str, list[float]] = {p: [] for p in peers}
-    timeouts = 0
-    try:
-        for i in range(samples + 1):  # sample 0 opens the connections: not counted
-            code, body = request(conn_a, "POST", "/counter/convergence")
-            acked = time.perf_counter()
-            assert code == 200, (code, body)
-            waiting = set(peers)
-            while waiting and time.perf_counter() < acked + 5.0:
-                for p in sorted(waiting):
-                    if int(request(conns[p], "GET", "/counter/convergence/value")[1]) >= int(body):
-                        waiting.discard(p)
-                        if i:
-                            delays[p].append((time.perf_counter() - acked) * 1000)
-            timeouts += len(waiting)
-    finally:
-        for conn in (conn_a, *conns.values()):
-            conn.close()
-    every = [d for ds in delays.values() for d in ds]
-    return {
-        "n": len(every),
-        "p50": percentile(every, 50),
-        "p99": percentile(every, 99),
-        "max": max(every, default=float("nan")),
-        "timeouts": timeouts,
-    }
-
-
 def burst(cluster: LocalCluster, clients: int, seconds: float, use_wrk: bool) -> dict:
     a, *peers = cluster.nodes
     url = cluster.url(a)
@@ -276,7 +246,7 @@ def main() -> int:
         single = [r for d in args.durability.split(",") for r in one_node(root, d, args, use_wrk, problems)]
         print("[2] and [3] three nodes ...", flush=True)
         with LocalCluster(root / "three", 3) as cluster:
-            conv = convergence(cluster, args.samples)
+            conv = visibility(cluster, args.samples, counter="convergence")
             bur = burst(cluster, 32, args.seconds, use_wrk)
             problems += log_problems(cluster)
     finally:

@@ -16,6 +16,8 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -146,3 +148,140 @@ def wrk(
         "p99": cdf.get(99.0, float("nan")),
         "cdf": cdf,
     }
+
+
+def visibility(
+    cluster: LocalCluster,
+    samples: int | None = None,
+    seconds: float | None = None,
+    counter: str = "visibility",
+    timeout: float = 5.0,
+    gap: float = 0.0,
+) -> dict:
+    """Ack-to-peer visibility: increment ``counter`` on the first node (one
+    keep-alive ``http.client`` connection) and, from the 200 on, read its
+    value on every other node in turn (one connection each) until each
+    shows the acknowledged value; a sample is (first answer showing it) -
+    (ack), per peer, so it includes one read round trip. Runs ``samples``
+    increments, or as many as fit in ``seconds``, waiting ``gap`` s after
+    each (a gap longer than the nodes' ``--min-push-interval`` makes every
+    increment a lone one); the first one (which opens the connections) is
+    not counted. Answers p50/p99/max in ms, the
+    sorted ``delays`` and ``timeouts`` (peers that did not show it within
+    ``timeout`` s)."""
+    a, *peers = cluster.nodes
+    conn_a = connect(cluster.url(a))
+    conns = {p: connect(cluster.url(p)) for p in peers}
+    delays: dict[str, list[float]] = {p: [] for p in peers}
+    timeouts, i = 0, 0
+    stop_at = time.monotonic() + seconds if seconds is not None else float("inf")
+    try:
+        while (samples is None or i <= samples) and (i == 0 or time.monotonic() < stop_at):
+            code, body = request(conn_a, "POST", f"/counter/{counter}")
+            acked = time.perf_counter()
+            assert code == 200, (code, body)
+            waiting = set(peers)
+            while waiting and time.perf_counter() < acked + timeout:
+                for p in sorted(waiting):
+                    if int(request(conns[p], "GET", f"/counter/{counter}/value")[1]) >= int(body):
+                        waiting.discard(p)
+                        if i:
+                            delays[p].append((time.perf_counter() - acked) * 1000)
+            timeouts += len(waiting)
+            i += 1
+            if gap:
+                time.sleep(gap)
+    finally:
+        for conn in (conn_a, *conns.values()):
+            conn.close()
+    every = sorted(d for ds in delays.values() for d in ds)
+    return {
+        "n": len(every),
+        "increments": i - 1,
+        "p50": percentile(every, 50),
+        "p99": percentile(every, 99),
+        "max": max(every, default=float("nan")),
+        "timeouts": timeouts,
+        "delays": [round(d, 3) for d in every],
+    }
+
+
+def statuses(cluster: LocalCluster) -> dict[str, dict]:
+    """Every node's ``/status``, by node name."""
+    return {node: status(cluster.url(node)) for node in cluster.nodes}
+
+
+def link_totals(before: dict, after: dict) -> dict[str, int]:
+    """What one node's peer links did between two ``/status`` answers:
+    each per-peer ``stats`` field summed over its peers (links that exist
+    in both)."""
+    totals: dict[str, int] = {}
+    for peer, now in after["peers"].items():
+        then = before["peers"].get(peer)
+        if then is not None:
+            for key, n in now["stats"].items():
+                totals[key] = totals.get(key, 0) + n - then["stats"][key]
+    return totals
+
+
+def sync_poll(conn: http.client.HTTPConnection, since: int, epoch: str | None) -> dict:
+    """One ``GET /sync`` as a peer's poll asks it (``since`` of ``epoch``):
+    the answer's ``body`` bytes, its ``head`` bytes (status line and
+    headers) with those of this request, and the ``version`` and ``epoch``
+    to ask from next. ``since=2**62`` with the node's epoch (``/status``)
+    reads the current version without any counters."""
+    path = f"/sync?since={since}" + (f"&epoch={urllib.parse.quote(epoch)}" if epoch else "")
+    conn.putrequest("GET", path)
+    conn.endheaders()
+    answer = conn.getresponse()
+    body = answer.read()
+    if answer.status != 200:
+        raise RuntimeError(f"GET {path}: {answer.status} {body[:200]!r}")
+    sent = len(f"GET {path} HTTP/1.1\r\nHost: {conn.host}:{conn.port}\r\nAccept-Encoding: identity\r\n\r\n")
+    head = len(f"HTTP/1.1 {answer.status} {answer.reason}\r\n") + len(answer.headers.as_bytes()) + sent
+    decoded = json.loads(body)
+    return {"body": len(body), "head": head, "version": decoded["version"], "epoch": decoded["epoch"]}
+
+
+class PollSampler:
+    """Polls every node's ``GET /sync`` once per ``interval`` from a
+    thread, as a peer would (from the version of its last answer), and
+    keeps each answer's size: what a real poll of that node carried at the
+    time. ``with PollSampler(urls) as s:`` ... ``s.mean_body(url)``."""
+
+    def __init__(self, urls: list[str], interval: float = 1.0) -> None:
+        self.urls, self.interval = urls, interval
+        self.bodies: dict[str, list[int]] = {u: [] for u in urls}
+        self.heads: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PollSampler:
+        self._conns = {u: connect(u) for u in self.urls}
+        self._since = {}
+        for u in self.urls:
+            first = sync_poll(self._conns[u], 2**62, status(u)["epoch"])
+            self._since[u] = (first["version"], first["epoch"])
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for u in self.urls:
+                answer = sync_poll(self._conns[u], *self._since[u])
+                self._since[u] = (answer["version"], answer["epoch"])
+                self.bodies[u].append(answer["body"])
+                self.heads.append(answer["head"])
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for conn in self._conns.values():
+            conn.close()
+
+    def mean_body(self, url: str) -> float:
+        sizes = self.bodies[url]
+        return sum(sizes) / len(sizes) if sizes else float("nan")
+
+    def mean_head(self) -> float:
+        return sum(self.heads) / len(self.heads) if self.heads else float("nan")
