@@ -59,8 +59,8 @@ class SyncSettings:
     #: Least time between the starts of two pushes to one peer. A change
     #: after a quiet spell is pushed at once; changes coming faster go,
     #: together, in one push per interval: a push costs the sender about
-    #: as much CPU as a few increments (docs/design.md, "Pushes").
-    min_push_interval: float = 0.02
+    #: as much CPU as a few increments (docs/design.md, "Push coalescing").
+    min_push_interval: float = 0.05
 
 
 @attrs.define
