@@ -37,13 +37,20 @@ from common import LocalCluster, cpu_seconds, node_pids, status, value, wrk  # n
 
 TITLE = "Durable replicated increments against bare Klein and twisted.web"
 BASELINE_HOST = "127.0.0.9"
-BASELINE_PORTS = {"bare Klein": 19_090, "bare twisted.web": 19_091}
-SERVERS = ("counterdb", "bare Klein", "bare twisted.web")
+#: Baseline name -> (port, baselines.py arguments).
+BASELINES = {
+    "bare Klein": (19_090, ["klein"]),
+    "bare Klein, no access log": (19_091, ["klein", "--no-access-log"]),
+    "bare twisted.web": (19_092, ["resource"]),
+}
+SERVERS = ("counterdb", *BASELINES)
 BULK_COUNTERS = 100
 
 
-def _start_baseline(kind: str, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, str(HERE / "baselines.py"), kind, BASELINE_HOST, str(port)])
+def _start_baseline(port: int, args: list[str]) -> subprocess.Popen[bytes]:
+    kind, *options = args
+    command = [sys.executable, str(HERE / "baselines.py"), kind, BASELINE_HOST, str(port), *options]
+    process = subprocess.Popen(command)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -67,7 +74,7 @@ def _single(cluster: LocalCluster, pids: dict[str, int], clients: list[int], rou
     a = cluster.nodes[0]
     urls = {
         "counterdb": cluster.url(a) + "/counter/single",
-        **{name: f"http://{BASELINE_HOST}:{port}/counter/single" for name, port in BASELINE_PORTS.items()},
+        **{name: f"http://{BASELINE_HOST}:{port}/counter/single" for name, (port, _) in BASELINES.items()},
     }
     results: dict[str, dict[str, dict]] = {server: {} for server in SERVERS}
     for n in clients:
@@ -112,10 +119,7 @@ def _bulk(cluster: LocalCluster, pids: dict[str, int], seconds: float) -> dict:
 def run(quick: bool) -> dict:
     clients = [1, 8, 32, 64] if not quick else [1, 32]
     rounds, seconds = (1, 3.0) if quick else (3, 5.0)
-    baselines = {
-        name: _start_baseline(name.split()[1].replace("twisted.web", "resource").lower(), port)
-        for name, port in BASELINE_PORTS.items()
-    }
+    baselines = {name: _start_baseline(port, args) for name, (port, args) in BASELINES.items()}
     try:
         with tempfile.TemporaryDirectory(prefix="counterdb-throughput-") as tmp, LocalCluster(tmp, 3) as cluster:
             pids = {"counterdb": node_pids(cluster)[cluster.nodes[0]], **{n: p.pid for n, p in baselines.items()}}
@@ -131,25 +135,28 @@ def run(quick: bool) -> dict:
 def report(results: dict, img_dir: Path) -> str:
     single, bulk = results["single"], results["bulk"]
     lines = [
-        "Three kinds of server answer `POST /counter/<name>`, measured in turn in one run by the same"
-        " `wrk` (one thread) on loopback: **counterdb**, node A of a 3-node `LocalCluster` with default options"
-        " (every answer waits for an fsynced SQLite commit; every increment is pushed to B and C); **bare"
-        " Klein**, a Klein route that adds 1 to a dict; **bare twisted.web**, a `Resource` that does the same"
+        "Four servers answer `POST /counter/<name>`, measured in turn in one run by the same `wrk` (one"
+        " thread) on loopback: **counterdb**, node A of a 3-node `LocalCluster` with default options (every"
+        " answer waits for an fsynced SQLite commit; every increment is pushed to B and C; no access log);"
+        " **bare Klein**, a Klein route that adds 1 to a dict, served by a default `Site` (its access log"
+        " goes to the unobserved log buffer, as in issue 10's reference figures); the same **with no access"
+        " log**; and **bare twisted.web**, a default `Site` with a `Resource` that does the same"
         " (`benchmarks/baselines.py`). Rounds are interleaved, so a slow minute of the machine hits all"
-        " three; the median round is shown.",
+        " four; the median round is shown.",
         "",
         f"{results['rounds']} round(s) of {results['seconds']:g} s per server and number of connections.",
         "",
-        "| connections | counterdb incr/s | bare Klein req/s | ratio | bare twisted.web req/s"
-        " | counterdb p50 / p99 ms | Klein p50 / p99 ms | counterdb CPU | incr/commit |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| connections | counterdb incr/s | bare Klein req/s | ratio | Klein, no log req/s | ratio"
+        " | twisted.web req/s | counterdb p50 / p99 ms | Klein p50 / p99 ms | counterdb CPU | incr/commit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in map(str, results["clients"]):
-        c, k, t = single["counterdb"][n], single["bare Klein"][n], single["bare twisted.web"][n]
+        c, k, q = single["counterdb"][n], single["bare Klein"][n], single["bare Klein, no access log"][n]
+        t = single["bare twisted.web"][n]
         lines.append(
-            f"| {n} | {c['rps']:,.0f} | {k['rps']:,.0f} | **{c['rps'] / k['rps']:.2f}** | {t['rps']:,.0f}"
-            f" | {c['p50']:.2f} / {c['p99']:.2f} | {k['p50']:.2f} / {k['p99']:.2f} | {c.get('cpu', 0):.0%}"
-            f" | {c.get('per_commit', 0):.1f} |"
+            f"| {n} | {c['rps']:,.0f} | {k['rps']:,.0f} | **{c['rps'] / k['rps']:.2f}** | {q['rps']:,.0f}"
+            f" | {c['rps'] / q['rps']:.2f} | {t['rps']:,.0f} | {c['p50']:.2f} / {c['p99']:.2f}"
+            f" | {k['p50']:.2f} / {k['p99']:.2f} | {c.get('cpu', 0):.0%} | {c.get('per_commit', 0):.1f} |"
         )
     at32 = single["counterdb"].get("32")
     if at32:
