@@ -21,6 +21,7 @@ resource, so they answer before the node is loaded too, and
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import itertools
 import json
@@ -33,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from constantly import NamedConstant
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 from twisted.internet.defer import CancelledError, Deferred
@@ -163,12 +164,12 @@ class Metrics:
         self.replication: Replication | None = None
         self.reads: ConsistentReads | None = None
         r = self.registry
-        self.increment_latency = Histogram(
+        self.increment_latency = ReactorHistogram(
             "counterdb_increment_latency_seconds",
             "Time from receiving an increment to its durable acknowledgement (replays included).",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
+        r.register(self.increment_latency)
         self.replays = Counter(
             "counterdb_idempotent_replays",
             "Increments answered from an earlier request with the same Idempotency-Key, not counted again.",
@@ -225,13 +226,11 @@ class Metrics:
     def track_increment(self, d: Deferred[Any]) -> Deferred[Any]:
         """Time the Deferred of ``Node.increment`` until it is acknowledged;
         returns ``d`` with its result untouched."""
-        started = self.timer()
+        return d.addCallback(self._increment_done, self.timer())
 
-        def done(ack: Any) -> Any:
-            self.observe_increment(self.timer() - started, bool(getattr(ack, "replayed", False)))
-            return ack
-
-        return d.addCallback(done)
+    def _increment_done(self, ack: Any, started: float) -> Any:
+        self.observe_increment(self.timer() - started, bool(getattr(ack, "replayed", False)))
+        return ack
 
     def observe_consistent_read(self, outcome: str, seconds: float | None = None) -> None:
         self.consistent_reads.labels(outcome).inc()
@@ -268,6 +267,34 @@ class Metrics:
     def resource(self) -> IResource:
         """``GET /metrics``: rendered at once in the reactor thread."""
         return MetricsPage(self.registry)
+
+
+class ReactorHistogram(Collector):
+    """A histogram observed from the reactor thread only, so without the
+    lock and the per-call bookkeeping of ``prometheus_client.Histogram``:
+    it is observed once per increment, thousands of times a second."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(b for b in buckets if b != math.inf)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative = list(itertools.accumulate(self.counts))
+        labels = [*(_bound(b) for b in self.bounds), "+Inf"]
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], list(zip(labels, cumulative)), sum_value=self.sum)
+        yield family
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
 
 
 class _LiveCollector(Collector):

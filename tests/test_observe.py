@@ -499,3 +499,23 @@ def test_the_access_log_is_off_unless_asked_for(access_log: bool, expected: list
         request.path = path
         site.log(request)
     assert [line.strip() for line in lines] == expected
+
+
+def test_the_reactor_histogram_exposes_what_a_prometheus_histogram_would() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from counterdb.observe import ReactorHistogram
+
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("latency_seconds", "help", buckets=buckets, registry=theirs)
+    fast = ReactorHistogram("latency_seconds", "help", buckets)
+    ours.register(fast)
+    for value in (0.0, 0.001, 0.0011, 0.05, 0.1, 0.5, 1.0, 7.0):  # on, between and past the bounds
+        reference.observe(value)
+        fast.observe(value)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert lines(ours) == lines(theirs)
