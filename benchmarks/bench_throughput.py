@@ -182,6 +182,7 @@ def report(results: dict, img_dir: Path) -> str:
 
 def _plots(results: dict, img_dir: Path) -> list[str]:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,6 +192,7 @@ def _plots(results: dict, img_dir: Path) -> list[str]:
     for server in SERVERS:
         ax.plot(clients, [single[server][str(n)]["rps"] for n in clients], marker="o", label=server)
     ax.set(xlabel="connections (wrk)", ylabel="requests/s", title="POST /counter/<name>", xscale="log")
+    ax.set_ylim(bottom=0)
     ax.set_xticks(clients, [str(n) for n in clients])
     ax.legend()
     fig.tight_layout()
@@ -201,9 +203,12 @@ def _plots(results: dict, img_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for server in SERVERS:
         cdf = single[server][n]["cdf"]
-        points = sorted((float(p), ms) for p, ms in cdf.items())
+        points = sorted((float(p) / 100, ms) for p, ms in cdf.items() if float(p) < 100)
         ax.plot([ms for _, ms in points], [p for p, _ in points], marker=".", label=server)
-    ax.set(xlabel="latency ms", ylabel="percentile", title=f"latency CDF at {n} connections", xscale="log")
+    ax.set(xlabel="latency ms", ylabel="fraction of requests at most that slow", xscale="log", yscale="logit")
+    ax.set_title(f"latency CDF at {n} connections (wrk)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(img_dir / "latency_cdf.png", dpi=100)
