@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's counterdb
 from bench_cluster import percentile  # same directory: one definition for both scripts
+from common import fill, partial, replica_id
 
 from counterdb.localcluster import LocalCluster
 from counterdb.node import Node
@@ -68,28 +69,6 @@ def fsync_latency(directory: Path, rounds: int = 200) -> None:
         os.unlink(name)
 
 
-def partial(i: int, replica: int) -> int:
-    return 1 + (i * 31 + replica * 17) % 1000
-
-
-def fill(db_path: Path, counters: int) -> None:
-    """Add ``counters`` counters with 3 replicas' partials each (the node's
-    own and two others) to a stopped node's database."""
-    db = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        own = db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()[0]
-        replicas = [own, uuid.uuid4().hex, uuid.uuid4().hex]
-        db.execute("BEGIN")
-        db.executemany(
-            "INSERT INTO partials (counter, replica, count) VALUES (?, ?, ?)",
-            ((f"counter-{i}", r, partial(i, k)) for i in range(counters) for k, r in enumerate(replicas)),
-        )
-        db.execute("COMMIT")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # as a clean stop leaves it
-    finally:
-        db.close()
-
-
 def drop_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -106,7 +85,8 @@ def restart(root: Path, counters: int) -> None:
         for label in ("empty data dir", "pages dropped", "pages cached"):
             if label == "pages dropped":
                 t0 = time.perf_counter()
-                fill(data / DB_FILE, counters)
+                db_path = data / DB_FILE
+                fill(db_path, counters, [replica_id(db_path), uuid.uuid4().hex, uuid.uuid4().hex])
                 size = sum(f.stat().st_size for f in data.iterdir()) / 2**20
                 print(
                     f"    {counters:,} counters x 3 replicas: {size:.0f} MiB on disk, "

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,38 @@ def cpu_used() -> tuple[float, float]:
         r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     )
     return machine, own
+
+
+def partial(i: int, k: int) -> int:
+    """The partial of replica number ``k`` in counter number ``i`` of a
+    table made by :func:`fill`."""
+    return 1 + (i * 31 + k * 17) % 1000
+
+
+def replica_id(db_path: Path) -> str:
+    """The replica id a stopped node's database holds."""
+    db = sqlite3.connect(db_path)
+    try:
+        return db.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def fill(db_path: Path, counters: int, replicas: list[str]) -> None:
+    """Add counters ``counter-0`` to ``counter-<counters - 1>``, each with a
+    partial (:func:`partial`) for every id in ``replicas``, to a stopped
+    node's database, and leave it as a clean stop does."""
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO partials (counter, replica, count) VALUES (?, ?, ?)",
+            ((f"counter-{i}", r, partial(i, k)) for i in range(counters) for k, r in enumerate(replicas)),
+        )
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        db.close()
 
 
 def log_problems(cluster: LocalCluster) -> list[str]:
