@@ -136,10 +136,21 @@ class CounterTable:
     more than :attr:`SLOTS` replicas keeps the rest in a small dict. Memory
     is therefore proportional to each counter's own replicas, however many
     replica ids the table has seen, and a read or merge touches only them.
+
+    A merge may name its *source*, the peer whose state it is. When the
+    counter's state is then exactly that peer's, the row records that the
+    peer holds it (a bit per peer, :attr:`SOURCES` at most), and
+    :meth:`changes_since` for that peer leaves the row out: a new node that
+    learns a million counters from its peers does not send them all back.
+    A peer that asks from version 0 again (it restarted, or its link was
+    made anew) gets a fresh bit, so it is sent everything: what its last
+    run held is not assumed.
     """
 
     #: Slot columns before a counter's further partials go to a dict.
     SLOTS = 8
+    #: Peers whose holdings the table records at once (bits of an int64).
+    SOURCES = 63
 
     def __init__(self) -> None:
         self._rows: dict[str, int] = {}  # counter -> row
@@ -153,6 +164,9 @@ class CounterTable:
         self._slot_ids: list[array] = []  # "i"
         self._slot_counts: list[array] = []  # "q"
         self._overflow: dict[int, dict[int, int]] = {}  # row -> {replica number: count} past SLOTS
+        self._heard = array("q")  # row -> bits of the sources known to hold its state
+        self._sources: dict[str, int] = {}  # replica id of a peer -> its bit, for this run of it
+        self._next_source = 0  # the next bit to hand out
         self._log = ChangeLog(self._stamps)
         self.version = 0
 
@@ -196,14 +210,18 @@ class CounterTable:
         extra = self._overflow.get(row)
         return total + sum(extra.values()) if extra else total
 
-    def merge(self, name: str, partials: Mapping[str, int]) -> Partials:
-        """Merge ``partials`` into counter ``name``.
+    def merge(self, name: str, partials: Mapping[str, int], source: str | None = None) -> Partials:
+        """Merge ``partials`` into counter ``name``; ``source`` is the
+        replica id of the peer whose whole state of the counter they are,
+        if they are.
 
         Returns the entries that grew (replica -> new count); empty if the
         merge taught us nothing.
         """
         row = self._rows.get(name)
         grown: Partials = {}
+        covers = True  # whether no partial here is larger than the incoming one
+        given = 0
         for replica, count in partials.items():
             if count <= 0:
                 continue
@@ -211,10 +229,22 @@ class CounterTable:
                 raise ValueError(f"a partial is at most {MAX_COUNT}, got {count}")
             if row is None:
                 row = self._add_row(name)
-            if self._grow(row, self._number(replica), count):
+            given += 1
+            change = self._grow(row, self._number(replica), count)
+            if change > 0:
                 grown[replica] = count
+            elif change < 0:
+                covers = False
+        if row is None:
+            return grown
+        bit = self._source_bit(source) if source is not None and covers else 0
+        if bit and given != self._width(row):
+            bit = 0  # the counter has partials the source did not send
         if grown:
-            self._stamp(row)  # type: ignore[arg-type]
+            self._stamp(row)
+            self._heard[row] = bit
+        elif bit:
+            self._heard[row] |= bit
         return grown
 
     def load(self, entries: Iterable[tuple[str, str, int]]) -> None:
@@ -271,6 +301,7 @@ class CounterTable:
         limit: int | None = None,
         budget: int | None = None,
         cost: Callable[[str, Partials], int] | None = None,
+        peer: str | None = None,
     ) -> tuple[dict[str, Partials], int, bool]:
         """The counters changed after version ``since``, oldest change first.
 
@@ -278,13 +309,28 @@ class CounterTable:
         their partials, the version to ask from next time, and whether the
         answer was cut short by ``limit`` counters or by ``budget`` (the sum
         of ``cost(name, partials)``; at least one counter is always given).
+        With ``peer`` (the replica id asking), counters that peer is known
+        to hold are left out; the answer then also stops after passing over
+        ``10 * limit`` of them, so it never walks the whole table in one go.
         """
         counters: dict[str, Partials] = {}
         last, spent = since, 0
-        names = self._names
+        bit, passed = 0, 0
+        if peer is not None:
+            if since == 0:
+                self._sources.pop(peer, None)  # a new run of the peer, or a new link: assume nothing
+            bit = self._source_bit(peer)
+        names, heard = self._names, self._heard
+        most_passed = 10 * limit if limit is not None else None
         for version, row in self._log.after(since):
             if limit is not None and len(counters) == limit:
                 return counters, last, True
+            if heard[row] & bit:
+                passed += 1
+                if most_passed is not None and passed > most_passed:
+                    return counters, last, True
+                last = version
+                continue
             name, partials = names[row], self._partials_of(row)
             if cost is not None and budget is not None:
                 spent += cost(name, partials)
@@ -300,7 +346,32 @@ class CounterTable:
         row = self._rows[name] = len(self._names)
         self._names.append(name)
         self._stamps.append(0)
+        self._heard.append(0)
         return row
+
+    def _source_bit(self, source: str) -> int:
+        """The bit of ``source`` in :attr:`_heard`. Bits are handed out in
+        turn and a forgotten one is not reused; when all are taken, every
+        row's bits are cleared and handing out starts again (the table
+        forgets who holds what, and sends more, never less)."""
+        index = self._sources.get(source)
+        if index is None:
+            if self._next_source >= self.SOURCES:
+                self._heard = array("q", bytes(8 * len(self._heard)))
+                self._sources.clear()
+                self._next_source = 0
+            index = self._sources[source] = self._next_source
+            self._next_source += 1
+        return 1 << index
+
+    def _width(self, row: int) -> int:
+        """How many partials ``row`` has."""
+        width = 0
+        for counts in self._slot_counts:
+            if row >= len(counts) or not counts[row]:
+                return width
+            width += 1
+        return width + len(self._overflow.get(row, ()))
 
     def _number(self, replica: str) -> int:
         number = self._numbers.get(replica)
@@ -322,32 +393,34 @@ class CounterTable:
                 partials[ids_of[number]] = count
         return partials
 
-    def _grow(self, row: int, number: int, count: int) -> bool:
+    def _grow(self, row: int, number: int, count: int) -> int:
         """Raise replica ``number``'s partial in ``row`` to ``count`` (> 0)
-        if that is larger; whether it grew."""
+        if that is larger: 1 if it grew, 0 if it was ``count``, -1 if it
+        was larger."""
         slot = 0
         for ids, counts in zip(self._slot_ids, self._slot_counts):
             if row < len(counts) and (held := counts[row]):
                 if ids[row] == number:
                     if count > held:
                         counts[row] = count
-                        return True
-                    return False
+                        return 1
+                    return 0 if count == held else -1
                 slot += 1
                 continue
             # The row's first free slot: the replica has no partial here.
             self._put(ids, counts, row, number, count)
-            return True
+            return 1
         if slot < self.SLOTS:
             self._slot_ids.append(array("i"))
             self._slot_counts.append(array("q"))
             self._put(self._slot_ids[-1], self._slot_counts[-1], row, number, count)
-            return True
+            return 1
         extra = self._overflow.setdefault(row, {})
-        if count > extra.get(number, 0):
+        held = extra.get(number, 0)
+        if count > held:
             extra[number] = count
-            return True
-        return False
+            return 1
+        return 0 if count == held else -1
 
     @staticmethod
     def _put(ids: array, counts: array, row: int, number: int, count: int) -> None:

@@ -263,3 +263,84 @@ def test_a_million_counters_take_far_less_than_a_dict_of_dicts() -> None:
         tracemalloc.stop()
     per_counter = used / len(names)
     assert per_counter < 160, per_counter  # the names themselves are built outside
+
+
+# -- what a peer is known to hold is not sent back to it ----------------------------
+
+
+def test_a_peer_is_not_sent_back_the_states_it_sent() -> None:
+    table = CounterTable()
+    table.merge("a", {"p": 1, "q": 2}, source="p")  # p's whole state: p holds it
+    table.merge("b", {"p": 1}, source="p")
+    table.merge("b", {"x": 5})  # b now has more than p sent
+    table.merge("c", {"q": 3}, source="q")
+    table.merge("c", {"q": 3}, source="p")  # nothing new, but p holds it too
+    assert set(table.changes_since(0, peer="p")[0]) == {"a", "b", "c"}  # from 0: a new run of p, nothing assumed
+    table.merge("a", {"p": 1, "q": 2}, source="p")
+    table.merge("c", {"q": 3}, source="p")
+    counters, version, more = table.changes_since(1, peer="p")
+    assert set(counters) == {"b"} and version == table.version and not more
+    assert set(table.changes_since(1, peer="q")[0]) == {"b"}  # q sent c
+    assert set(table.changes_since(1)[0]) == {"b", "c"}
+
+
+def test_a_page_passes_over_a_bounded_number_of_counters_the_peer_holds() -> None:
+    table = CounterTable()
+    table.merge("first", {"x": 1})
+    for i in range(100):
+        table.merge(f"c{i}", {"p": 1}, source="p")
+    table.merge("last", {"x": 1})
+    cursor, seen, pages = 1, [], 0
+    more = True
+    while more:
+        counters, cursor, more = table.changes_since(cursor, limit=2, peer="p")
+        seen += counters
+        pages += 1
+    assert seen == ["last"] and pages == 5  # 20 passed over per page at most
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("local"), st.sampled_from("abcd"), replicas, st.integers(1, 50)),
+            st.tuples(st.just("push"), st.sampled_from("abcd"), replicas, st.integers(1, 50)),
+            st.tuples(st.just("poll"), st.integers(1, 3)),
+            st.tuples(st.just("crash"), st.integers(0, 3)),
+        ),
+        max_size=40,
+    )
+)
+def test_a_peer_that_polls_to_the_end_holds_everything_even_after_losing_state(ops: list[tuple]) -> None:
+    """A model peer p pushes its whole states, polls with a cursor, and may
+    restart having lost some of its copies (it then polls from 0). However
+    these interleave, once p polls to the end it holds at least what the
+    table holds: leaving out what p sent never hides anything from it."""
+    table = CounterTable()
+    table.SOURCES = 2  # bits run out and are handed out again
+    peer: dict[str, dict[str, int]] = {}
+    cursor = 0
+
+    def poll(limit: int) -> bool:
+        nonlocal cursor
+        counters, cursor, more = table.changes_since(cursor, limit=limit, peer="p")
+        for name, partials in counters.items():
+            peer[name] = merge(peer.get(name, {}), partials)
+        return more
+
+    for op in ops:
+        if op[0] == "local":
+            table.merge(op[1], {op[2]: table.partial(op[1], op[2]) + op[3]})
+        elif op[0] == "push":
+            peer[op[1]] = merge(peer.get(op[1], {}), {op[2]: op[3]})
+            table.merge(op[1], peer[op[1]], source="p")
+            table.merge(op[1], {}, source=f"other{op[3] % 3}")  # other sources take bits too
+        elif op[0] == "poll":
+            poll(op[1])
+        else:
+            for name in sorted(peer)[: op[1]]:  # lost copies
+                del peer[name]
+            cursor = 0
+    while poll(2):
+        pass
+    for name in "abcd":
+        assert merge(peer.get(name, {}), table.partials(name)) == peer.get(name, {})
