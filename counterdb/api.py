@@ -323,11 +323,11 @@ class CounterAPI:
     @app.route("/sync", methods=["GET"])
     @private
     def get_changes(self, request: IRequest) -> bytes:
-        self._refuse_own_replica(request)
+        peer = self._refuse_own_replica(request)
         since = _int_arg(request, b"since", 0, 0, 2**63)
         limit = _int_arg(request, b"limit", MAX_SYNC_LIMIT, 1, MAX_SYNC_LIMIT)
         epoch = _str_arg(request, b"epoch")
-        answer = self.node.changes_since(since, epoch, limit, MAX_PAGE_BYTES)
+        answer = self.node.changes_since(since, epoch, limit, MAX_PAGE_BYTES, peer)
         membership = self.members.current
         answer["config"] = membership.config() if membership else None
         return _json(request, answer)
@@ -335,7 +335,7 @@ class CounterAPI:
     @app.route("/sync", methods=["POST"])
     @private
     def post_changes(self, request: IRequest) -> bytes:
-        self._refuse_own_replica(request)
+        peer = self._refuse_own_replica(request)
         body = _read_json(request)
         if not isinstance(body, dict) or "counters" not in body:
             raise ClientError(400, 'expected a JSON object like {"counters": {"<name>": {"<replica id>": 5}}}')
@@ -345,7 +345,7 @@ class CounterAPI:
             counters = validate_counters(body["counters"])
         except InvalidState as e:
             raise ClientError(400, str(e)) from None
-        grown = self.node.merge(counters, all_or_nothing=True)
+        grown = self.node.merge(counters, all_or_nothing=True, source=peer)
         return _json(request, {"replica": self.node.replica_id, "merged": sum(len(p) for p in grown.values())})
 
     def _replica_census(self) -> dict[str, int]:
@@ -366,15 +366,16 @@ class CounterAPI:
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="counterdb"')
         raise ClientError(401, f"this endpoint needs {what}: send Authorization: Bearer <secret>")
 
-    def _refuse_own_replica(self, request: IRequest) -> None:
+    def _refuse_own_replica(self, request: IRequest) -> str | None:
         """A peer that sends this node's own replica id (or one this node
         gave up for that reason) runs on a copy of this node's data dir:
         exchanging state with it would let the max-merge hide one copy's
         increments behind the other's. Refused (409), with a ``conflict``
-        that tells the sender to go on under a new replica id."""
+        that tells the sender to go on under a new replica id. Else the
+        sender's replica id, if it sent one."""
         raw = request.getHeader(REPLICA_HEADER.lower().encode("ascii"))
         if raw is None:
-            return
+            return None
         if self.members.current is None:
             self.members.wanted = True  # a peer syncs with us: we belong to a cluster we do not know
         sender = raw.decode("ascii", "replace")
@@ -394,6 +395,7 @@ class CounterAPI:
                 f"replica id {sender} answers from two places; this node takes data from neither",
                 conflict=DUPLICATED_REPLICA,
             )
+        return sender
 
     def _log_shared_replica(self, request: IRequest, replica: str) -> None:
         self._refusals.event(

@@ -146,12 +146,15 @@ class Node:
     def partials(self, name: str) -> Partials:
         return self.table.partials(name)
 
-    def changes_since(self, since: int, epoch: str | None, limit: int, max_bytes: int) -> dict[str, object]:
+    def changes_since(
+        self, since: int, epoch: str | None, limit: int, max_bytes: int, peer: str | None = None
+    ) -> dict[str, object]:
         """The node-level delta a polling peer asks for (``GET /sync``):
-        at most ``limit`` counters and about ``max_bytes`` of JSON."""
+        at most ``limit`` counters and about ``max_bytes`` of JSON, without
+        the counters the peer (its replica id) is known to hold already."""
         if epoch != self.epoch:
             since = 0  # the caller's version belongs to another run of ours
-        counters, version, more = self.table.changes_since(since, limit, max_bytes, json_size_bound)
+        counters, version, more = self.table.changes_since(since, limit, max_bytes, json_size_bound, peer)
         return {
             "replica": self.replica_id,
             "epoch": self.epoch,
@@ -210,8 +213,12 @@ class Node:
             self._commit_next_batch()
         return waiter
 
-    def merge(self, counters: dict[str, Partials], all_or_nothing: bool = False) -> dict[str, Partials]:
+    def merge(
+        self, counters: dict[str, Partials], all_or_nothing: bool = False, source: str | None = None
+    ) -> dict[str, Partials]:
         """Merge partials learnt from elsewhere; return the entries that grew.
+        ``source`` is the replica id of the peer whose whole states of the
+        counters these are (a push or a poll answer), if they are.
 
         This node's own partial is left out: it only ever grows through this
         node's durable increments, so no peer or client can inflate it (or
@@ -226,7 +233,7 @@ class Node:
         for name, partials in counters.items():
             if own in partials:
                 partials = {replica: count for replica, count in partials.items() if replica != own}
-            changed = self.table.merge(name, partials)
+            changed = self.table.merge(name, partials, source)
             if changed:
                 grown[name] = changed
         if grown and self._stopping is None:

@@ -281,7 +281,7 @@ class PeerLink:
                 return
             self.stats.polls += 1
             self.replication_hears_config(self, answer.get("config"))
-            self.node.merge(counters)
+            self.node.merge(counters, source=self.replica)
             self._since, self._epoch = version, epoch
             self.note_reachable()
             if not more:
