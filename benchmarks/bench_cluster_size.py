@@ -4,8 +4,8 @@ Scaling with cluster size: how push and poll traffic grow with the number
 of nodes (issue 10, item 5).
 
 For 3, 5 and 9 nodes, one :class:`counterdb.localcluster.LocalCluster` each
-(loopback, 127.0.0.2 up, one port, default settings: 1 s polls, 20 ms
-push interval, ``--durability full``):
+(loopback, 127.0.0.2 up, one port, default settings: 1 s polls, the
+default push interval, ``--durability full``):
 
 idle        nothing but the nodes' own polling for a few seconds;
 one node    ``wrk`` with 4 connections increments ``hits`` on the first node;
@@ -56,6 +56,8 @@ from common import (
     value,
     wrk,
 )
+
+from counterdb.replication import SyncSettings
 
 TITLE = "Scaling with cluster size (issue 10, item 5)"
 
@@ -161,7 +163,7 @@ def run(quick: bool) -> dict:
         "clients_one": CLIENTS_ONE,
         "clients_each": CLIENTS_EACH,
         "poll_interval": 1.0,
-        "min_push_interval": 0.02,
+        "min_push_interval": SyncSettings().min_push_interval,
         "rows": rows,
         "problems": problems,
     }
