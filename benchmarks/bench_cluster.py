@@ -32,57 +32,30 @@ from __future__ import annotations
 
 import argparse
 import collections
-import http.client
-import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's counterdb
-from common import visibility  # same directory: ack-to-peer visibility, shared with bench_visibility
+from common import (  # same directory: what every benchmark measures with
+    connect,
+    cpu_seconds,
+    cpu_used,
+    log_problems,
+    percentile,
+    request,
+    status,
+    value,
+    visibility,
+)
 
 from counterdb.localcluster import LocalCluster
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    ordered = sorted(values)
-    return ordered[max(0, -(-len(ordered) * p // 100) - 1)] if ordered else float("nan")
-
-
-def status(url: str) -> dict:
-    with urllib.request.urlopen(url + "/status", timeout=5) as answer:
-        return json.load(answer)
-
-
-def value(url: str, name: str) -> int:
-    with urllib.request.urlopen(f"{url}/counter/{name}/value", timeout=5) as answer:
-        return int(answer.read())
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def request(conn: http.client.HTTPConnection, method: str, path: str) -> tuple[int, bytes]:
-    conn.request(method, path)
-    answer = conn.getresponse()
-    return answer.status, answer.read()
-
-
-def connect(url: str) -> http.client.HTTPConnection:
-    parts = urllib.parse.urlsplit(url)
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
 
 
 def thread_load(url: str, path: str, clients: int, seconds: float) -> dict:
@@ -152,25 +125,6 @@ def wrk_load(url: str, path: str, clients: int, seconds: float) -> dict:
         "p50": ms("50"),
         "p99": ms("99"),
     }
-
-
-def cpu_used() -> tuple[float, float]:
-    """CPU seconds since boot of the whole machine (/proc/stat), and of this
-    script with its children that have ended (the nodes, wrk)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    own = sum(
-        r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    )
-    return machine, own
-
-
-def log_problems(cluster: LocalCluster) -> list[str]:
-    found = []
-    for node in cluster.nodes:
-        text = cluster.log_path(node).read_text(errors="replace")
-        found += [f"{node}: {text.count(m)} x {m!r}" for m in ("Traceback", "Unhandled") if m in text]
-    return found
 
 
 def one_node(root: Path, durability: str, args: argparse.Namespace, use_wrk: bool, problems: list[str]) -> list[dict]:
