@@ -500,8 +500,8 @@ def _gone(request: IRequest) -> bool:
     return bool(request.finished or getattr(request, "_disconnected", False))
 
 
-def _write_whole(body: bytes | None, request: IRequest) -> None:
-    if body is None or _gone(request):
+def _write_whole(body: bytes, request: IRequest) -> None:
+    if _gone(request):
         return
     request.setHeader(b"Content-Length", b"%d" % len(body))
     request.write(body)

@@ -206,7 +206,6 @@ class GuardedChannel(HTTPChannel):
         self._refuse(400, "malformed", "malformed request or too many headers")
 
     def _headers_too_slow(self) -> None:
-        self._deadline = None
         if not self._heard:
             # An idle keep-alive connection: closing it is routine, and an
             # unasked-for 408 would confuse the client's connection pool.
@@ -216,7 +215,6 @@ class GuardedChannel(HTTPChannel):
         self._refuse(408, "header-deadline", f"request headers did not arrive within {timeout:g} s")
 
     def _body_too_slow(self) -> None:
-        self._deadline = None
         timeout = self.site.limits.body_timeout
         self._refuse(408, "body-deadline", f"request body did not arrive within {timeout:g} s")
 

@@ -171,8 +171,7 @@ class PeerLink:
         attempt = 0
         try:
             while self.dirty and self.conflict is None:
-                if self._last_push is not None:
-                    await self._wait_for_push_interval(self._last_push)
+                await self._wait_for_push_interval()
                 batch, body = self._take_push_batch()
                 self._last_push = self.clock.seconds()
                 try:
@@ -209,8 +208,10 @@ class PeerLink:
         finally:
             self._pushing = None
 
-    async def _wait_for_push_interval(self, last_push: float) -> None:
-        wait = last_push + self.settings.min_push_interval - self.clock.seconds()
+    async def _wait_for_push_interval(self) -> None:
+        if self._last_push is None:
+            return
+        wait = self._last_push + self.settings.min_push_interval - self.clock.seconds()
         if wait > 0:
             await deferLater(self.clock, wait)
 
