@@ -121,6 +121,38 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+# -- the connection --------------------------------------------------------
+
+
+class HostAsker(StringTransport):
+    """A transport that counts how often it is asked for its local address."""
+
+    asked = 0
+
+    def getHost(self) -> Any:
+        self.asked += 1
+        return super().getHost()
+
+
+def test_every_request_on_a_connection_sees_its_local_address_asked_of_the_kernel_once() -> None:
+    seen: list[Any] = []
+
+    class Host(Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> bytes:
+            seen.append(request.getHost())
+            return b"ok"
+
+    site = GuardedSite(Host(), limits=HTTPLimits(), parsePOSTFormSubmission=False, reactor=Clock())
+    channel = site.buildProtocol(PEER)
+    transport = HostAsker(hostAddress=IPv4Address("TCP", "127.0.0.7", 8080), peerAddress=PEER)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    assert seen == [IPv4Address("TCP", "127.0.0.7", 8080)] * 2
+    assert transport.asked == 1
+
+
 # -- body size ---------------------------------------------------------------
 
 
