@@ -229,11 +229,15 @@ class Node:
         507), else only the new names are left out (a poll)."""
         counters = self._within_capacity(counters, all_or_nothing)
         grown: dict[str, Partials] = {}
-        own = self.replica_id
+        own, table = self.replica_id, self.table
         for name, partials in counters.items():
-            if own in partials:
+            # A copy of this node's own partial that equals it changes
+            # nothing and stays in: the table then sees that the source
+            # holds this exact state and does not send it back (stripped,
+            # no counter with an own partial was ever marked as held).
+            if own in partials and partials[own] != table.partial(name, own):
                 partials = {replica: count for replica, count in partials.items() if replica != own}
-            changed = self.table.merge(name, partials, source)
+            changed = table.merge(name, partials, source)
             if changed:
                 grown[name] = changed
         if grown and self._stopping is None:

@@ -44,8 +44,10 @@ log = Logger()
 #: the number of replica ids of the counters in it.
 MAX_PUSH_BYTES = MAX_BODY_BYTES // 2
 
-#: Pages of changes one poll reads at most before the next poll round.
-MAX_PAGES_PER_POLL = 10
+#: Pages of changes one poll reads at most (5 million counters at the
+#: default page size): a peer that keeps answering "more" is asked again at
+#: the next poll tick, never in an endless loop.
+MAX_PAGES_PER_POLL = 1_000
 
 
 @attrs.frozen
@@ -265,12 +267,16 @@ class PeerLink:
         return d
 
     async def _poll(self) -> None:
-        # Bounded: a peer with more changes than fit one answer is drained
-        # over a few rounds instead of in one unbounded loop.
+        # Page after page while the peer has more and its version moves on:
+        # a new node fetching a million counters (200 pages per peer) used
+        # to stop after 10 pages and wait for the next poll tick, idle for
+        # most of every second (docs/design.md, "Catching up"). A peer that
+        # says "more" without moving on waits for the next tick.
         for _ in range(MAX_PAGES_PER_POLL):
             try:
                 answer = await self.client.get_changes(self._since, self._epoch)
                 counters, version, epoch, more = self._read_changes(answer)
+                moved_on = (version, epoch) != (self._since, self._epoch)
             except CancelledError:
                 raise
             except PeerRefused as e:
@@ -285,7 +291,7 @@ class PeerLink:
             self.node.merge(counters, source=self.replica)
             self._since, self._epoch = version, epoch
             self.note_reachable()
-            if not more:
+            if not more or not moved_on:
                 return
 
     def _read_changes(self, answer: Any) -> tuple[dict[str, Any], int, str, bool]:

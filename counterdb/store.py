@@ -178,6 +178,20 @@ _UPSERT_PARTIAL = (
     "INSERT INTO partials (counter, replica, count) VALUES (?, ?, ?) "
     "ON CONFLICT (counter, replica) DO UPDATE SET count = MAX(count, excluded.count)"
 )
+#: The same for many rows in one statement: ``?`` is a JSON array of
+#: ``[counter, replica, count]``. One statement is one ``sqlite3_step``, so
+#: the writer thread takes the GIL back once per chunk instead of once per
+#: row: with ``executemany`` a thread that gives the GIL up for every row
+#: waits for the busy reactor thread each time, and 100,000 peer rows took
+#: 60 s behind a busy reactor instead of 0.2 s (0.3 s this way).
+_UPSERT_PARTIALS_JSON = (
+    "INSERT INTO partials (counter, replica, count) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') "
+    "FROM json_each(?) WHERE true "
+    "ON CONFLICT (counter, replica) DO UPDATE SET count = MAX(count, excluded.count)"
+)
+#: Rows per JSON statement: encoding a chunk holds the GIL (about 5 ms).
+_JSON_CHUNK_ROWS = 10_000
 _INSERT_KEY = "INSERT OR IGNORE INTO idempotency (key, counter, amount, value, created) VALUES (?, ?, ?, ?, ?)"
 
 #: --durability modes: SQLite's ``synchronous`` setting for each.
@@ -393,11 +407,31 @@ class SqliteStore:
         for a full or failing disk) is logged and dropped, never retried
         forever, and the other rows are still written."""
         try:
-            self._commit(rows, ())
+            self._commit_in_chunks(rows)
         except sqlite3.OperationalError:
             raise  # the disk, not the data: the caller keeps them for later
         except Exception:
             self._commit_rows_one_by_one(rows)
+
+    def _commit_in_chunks(self, rows: list[tuple[str, str, int]]) -> None:
+        """Upsert ``rows`` in one transaction, a JSON statement per chunk.
+        SQLite's JSON reads a NUL character as the end of the string, so a
+        counter name holding one goes through ``executemany`` (names are
+        checked UTF-8 otherwise; replica ids are plain ASCII)."""
+        db = self._db
+        plain = [row for row in rows if "\x00" not in row[0]]
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for start in range(0, len(plain), _JSON_CHUNK_ROWS):
+                chunk = json.dumps(plain[start : start + _JSON_CHUNK_ROWS], ensure_ascii=False)
+                db.execute(_UPSERT_PARTIALS_JSON, (chunk,))
+            if len(plain) != len(rows):
+                db.executemany(_UPSERT_PARTIAL, [row for row in rows if "\x00" in row[0]])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _commit_rows_one_by_one(self, rows: list[tuple[str, str, int]]) -> None:
         for row in rows:

@@ -344,3 +344,66 @@ def test_a_peer_that_polls_to_the_end_holds_everything_even_after_losing_state(o
         pass
     for name in "abcd":
         assert merge(peer.get(name, {}), table.partials(name)) == peer.get(name, {})
+
+
+# -- checking a batch: each distinct replica id is matched once ----------------
+
+
+def test_a_bad_replica_id_is_refused_after_good_ones_were_seen_in_the_batch() -> None:
+    """Validation remembers the ids that passed within a batch; an id it has
+    not seen is still checked, wherever in the batch it comes."""
+    good = {"r1": 1, "r2": 2}
+    batch = {f"c{i}": dict(good) for i in range(50)}
+    batch["c25"] = {"r1": 1, "r 2": 2}
+    with pytest.raises(InvalidState, match="replica ids must be 1 to 128 characters"):
+        validate_counters(batch)
+    with pytest.raises(InvalidState, match="replica ids must be"):
+        validate_counters({"a": {"r1": 1}, "b": {"r1": 1, "x" * 129: 1}})
+
+
+@pytest.mark.parametrize("count", [True, False, 1.0, "1", None, -1, MAX_COUNT + 1])
+def test_a_bad_count_is_refused_after_good_ones_were_seen_in_the_batch(count: object) -> None:
+    batch = {"a": {"r": 1}, "b": {"r": count}}
+    with pytest.raises(InvalidState, match="count for replica 'r' must be"):
+        validate_counters(batch)
+
+
+def test_valid_batches_come_back_whole_with_non_ascii_names() -> None:
+    batch = {"ä/x".replace("/", ""): {"r": 0, "s": MAX_COUNT}, "z" * 255: {"r": 3}, "é" * 127: {"r": 1}}
+    assert validate_counters(batch) == batch
+    for bad in ("é" * 128, "a/b", "\ud800"):
+        with pytest.raises(InvalidState):
+            validate_counters({bad: {"r": 1}})
+
+
+# -- merging: new counters and repeated states --------------------------------------
+
+
+def test_a_new_counter_from_a_source_is_not_sent_back_to_it() -> None:
+    table = CounterTable()
+    table.merge("first", {"a": 1})
+    assert table.merge("c", {"a": 2, "b": 0, "z": 5}, source="a") == {"a": 2, "z": 5}
+    assert table.partials("c") == {"a": 2, "z": 5} and table.version == 2
+    assert table.changes_since(1, 10, peer="a")[0] == {}
+    assert table.changes_since(1, 10, peer="b")[0] == {"c": {"a": 2, "z": 5}}
+    assert table.changes_since(0, 10, peer="a")[0] == {"first": {"a": 1}, "c": {"a": 2, "z": 5}}  # a new run of a
+
+
+def test_a_counter_of_zeros_only_makes_no_row() -> None:
+    table = CounterTable()
+    assert table.merge("c", {"a": 0}, source="a") == {}
+    assert "c" not in table and table.version == 0
+
+
+def test_a_repeated_state_marks_its_source_without_a_new_version() -> None:
+    table = CounterTable()
+    table.merge("c", {"a": 2, "b": 3}, source="a")
+    table.changes_since(0, 10, peer="b")  # b's link starts: it gets a bit
+    assert table.merge("c", {"b": 3, "a": 2}, source="b") == {}
+    assert table.version == 1
+    assert table.changes_since(0, 10, peer="x")[0] == {"c": {"a": 2, "b": 3}}
+    assert table.changes_since(1, 10, peer="b")[0] == {}  # b holds it
+    # A smaller or partial state is not the counter's: its source does not hold it.
+    table.merge("d", {"a": 2, "b": 3})
+    assert table.merge("d", {"a": 2}, source="b") == {}
+    assert table.changes_since(1, 10, peer="b")[0] == {"d": {"a": 2, "b": 3}}

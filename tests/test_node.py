@@ -100,6 +100,26 @@ def test_merges_never_raise_this_nodes_own_partial() -> None:
     assert node.partials("c") == {node.replica_id: 2, "other": 3}
 
 
+def test_a_peer_holding_exactly_this_nodes_state_is_not_sent_it_back() -> None:
+    """A peer's state that carries this node's own partial at its exact
+    value is this node's state: the peer holds it, so a poll from it leaves
+    the counter out. A smaller own partial means the peer lacks increments
+    (it is sent them); a larger one is never taken."""
+    node = Node(MemoryStore())
+    own = node.replica_id
+    node.increment("first", 1)
+    node.changes_since(0, node.epoch, 10, 1 << 20, peer="p")  # p's link starts: it gets a bit
+    since = node.table.version
+    for name in ("held", "behind", "ahead"):
+        node.increment(name, 2)
+    assert node.merge({"held": {own: 2, "p": 5}}, source="p") == {"held": {"p": 5}}
+    node.merge({"behind": {own: 1, "p": 5}}, source="p")
+    node.merge({"ahead": {own: 9, "p": 5}}, source="p")
+    answer = node.changes_since(since, node.epoch, 10, 1 << 20, peer="p")
+    assert answer["counters"] == {"behind": {own: 2, "p": 5}, "ahead": {own: 2, "p": 5}}
+    assert node.partials("held") == {own: 2, "p": 5}
+
+
 def test_store_failure_is_503_and_reads_keep_working() -> None:
     net = FakeNet()
     net.add("127.0.0.2", store=BrokenStore())

@@ -286,3 +286,24 @@ async def test_a_new_identity_is_durable_and_the_shared_id_is_remembered(
     assert restarted.replica_id == node.replica_id
     assert restarted.partials("c") == {old: 2, node.replica_id: 3}
     assert restarted.shared_ids == {old}
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_rows_written_in_bulk_read_back_exactly(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    """Peer rows go to SQLite as JSON, a statement per chunk of rows; every
+    name comes back as it was sent (quotes, backslashes, control and
+    non-ASCII characters; a NUL, which SQLite's JSON would cut, takes the
+    row-by-row path), counts up to 2^63-1, and never lower than stored."""
+    names = ['q"uote', "back\\slash", "tab\tnew\nline", "ümlaut €", "astral \U0001f600", "nul\x00byte", "\x7f\x01"]
+    names += [f"counter-{i}" for i in range(25_000)]  # more than one chunk
+    store = open_store(opened, tmp_path)
+    store.write_peers({name: {"p": 2**63 - 1, "q.r-s_t": i + 1} for i, name in enumerate(names)})
+    await store.flush()
+    store.write_peers({names[0]: {"p": 1, "q.r-s_t": 100}, "nul\x00byte": {"p": 3}})
+    await store.flush()
+    store.close()
+    loaded = {(name, replica): count for name, replica, count in open_store(opened, tmp_path).load().entries}
+    expected = {(name, "p"): 2**63 - 1 for name in names}
+    expected.update({(name, "q.r-s_t"): i + 1 for i, name in enumerate(names)})
+    expected[(names[0], "q.r-s_t")] = 100
+    assert loaded == expected

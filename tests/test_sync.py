@@ -264,6 +264,40 @@ def test_a_large_backlog_is_fetched_in_pages() -> None:
     assert len(pages) >= 4
 
 
+def test_a_large_backlog_is_fetched_page_after_page_without_waiting_for_the_next_poll() -> None:
+    """A poll goes on while the peer has more (a new node catching up was
+    idle for most of each second after every 10 pages)."""
+    net = FakeNet(attrs.evolve(FAST, poll_batch=3))
+    net.cluster_of(A, B)
+    net.run(0.1)
+    for i in range(90):  # 30 pages
+        net.request("POST", B, f"/counter/n{i}/setsync", {"partials": {"x": 1}})
+    net.run(FAST.poll_interval)
+    assert sum(net.value(A, f"n{i}") for i in range(90)) == 90
+
+
+class _AlwaysMore(Resource):
+    """A peer whose every poll answer says "more" at the same version."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        answer: dict[str, Any] = {"replica": "f" * 32}
+        if request.method == b"GET":
+            answer.update(epoch="e", version=7, more=True, counters={})
+        return json.dumps(answer).encode()
+
+
+def test_a_peer_that_says_more_without_moving_on_is_asked_again_only_at_the_next_poll() -> None:
+    net = FakeNet()
+    net.cluster_of(A, B)
+    net.router.hosts[B] = _AlwaysMore()
+    before = len(net.requests_to(B, "GET", "/sync"))
+    net.run(FAST.poll_interval * 5)
+    polls = len(net.requests_to(B, "GET", "/sync")) - before
+    assert 5 <= polls <= 2 * 5 + 2  # a page that moves on from the last version, then one that does not
+
+
 def test_a_backlog_of_long_names_and_many_replicas_is_pushed_in_bodies_the_peer_accepts() -> None:
     """Pushes are capped by bytes, not by a count of counters: 3,000
     counters with 250-byte names and six replica ids each are well over the
