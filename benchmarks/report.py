@@ -24,6 +24,7 @@ import platform
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def machine() -> dict:
     }
 
 
-def render(results: dict, quick: bool) -> str:
+def render(results: dict, quick: bool, img_dir: Path = IMG) -> str:
     m = results["machine"]
     lines = [
         BEGIN,
@@ -78,7 +79,7 @@ def render(results: dict, quick: bool) -> str:
     for module, part in PARTS.items():
         if part in results["parts"]:
             mod = importlib.import_module(module)
-            lines += [f"### {mod.TITLE}", "", mod.report(results["parts"][part], IMG).strip(), ""]
+            lines += [f"### {mod.TITLE}", "", mod.report(results["parts"][part], img_dir).strip(), ""]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -120,11 +121,12 @@ def main() -> int:
         results["others_cores"] = max(0.0, (machine1 - machine0) - (own1 - own0)) / (time.monotonic() - started)
         if not args.no_write:
             RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    section = render(results, results.get("quick", False))
-    if args.no_write:
-        print(section)
+    if args.no_write:  # the plots too go elsewhere: docs/img/ keeps the last written report's
+        scratch = Path(tempfile.mkdtemp(prefix="counterdb-report-img-"))
+        print(render(results, results.get("quick", False), scratch))
+        print(f"(plots in {scratch})")
     else:
-        write_page(section)
+        write_page(render(results, results.get("quick", False)))
         print(f"wrote {PAGE} and {IMG}/")
     return 0
 
