@@ -26,8 +26,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from counterdb.localcluster import PACKAGE_PARENT, ClusterError, LocalCluster, free_common_port
-from counterdb.localcluster.processes import PROXY
+from counterdb.localcluster.processes import PROXY, node_command, node_env
 from counterdb.localcluster.proxy import HIGH_WATER, DelayedPipe, write_delay
+from counterdb.localcluster.state import LOOPBACK, ClusterState, NodeRecord
 
 #: Fast sync so partitions heal within a second or two.
 NODE_ARGS = ["--poll-interval", "0.2", "--peer-timeout", "1", "--backoff-max", "0.5"]
@@ -141,9 +142,12 @@ def test_loopback_kill_and_start_keep_data(loop: LocalCluster) -> None:
     increment(loop, "n2", "kept", 7)
     wait_values(loop, ["n1", "n3"], "kept", 7)
 
+    assert loop.pid("n2") == {s.name: s.pid for s in loop.status()}["n2"] is not None
+    with pytest.raises(ClusterError, match="stop it before changing its interpreter"):
+        loop.set_python("n2", sys.executable)
     loop.kill("n2")
     n2 = {s.name: s for s in loop.status()}["n2"]
-    assert (n2.state, n2.pid, n2.replica) == ("stopped", None, None)
+    assert (n2.state, n2.pid, n2.replica, loop.pid("n2")) == ("stopped", None, None, None)
     with pytest.raises(OSError):
         http(loop.url("n2") + "/config", timeout=1.0)
     with pytest.raises(ClusterError, match="not running"):
@@ -156,6 +160,20 @@ def test_loopback_kill_and_start_keep_data(loop: LocalCluster) -> None:
     with pytest.raises(ClusterError, match="already running"):
         loop.start("n2")
     wait_values(loop, loop.nodes, "kept", 8)
+
+
+def test_a_node_with_its_own_python_runs_only_what_that_python_has_installed() -> None:
+    """The upgrade test's hook: a node of an earlier release, in a venv, must
+    not get this checkout on its PYTHONPATH; the others must."""
+    ours = NodeRecord("n1", "127.0.0.2", "/w1")
+    venv = NodeRecord("n2", "127.0.0.3", "/w2", python="/prev/bin/python")
+    state = ClusterState(LOOPBACK, "abc123", 18080, 18080, [], [ours, venv])
+    assert node_command(state, ours)[:2] == [sys.executable, "-c"]
+    assert node_command(state, venv)[:2] == ["/prev/bin/python", "-c"]
+    assert node_command(state, venv)[-2:] == ["--data-dir", "/w2/data"]
+    assert node_env(None)["PYTHONPATH"].split(os.pathsep)[0] == str(PACKAGE_PARENT)
+    assert "PYTHONPATH" not in node_env("/prev/bin/python")
+    assert ClusterState.from_json(state.to_json()).nodes[1].python == "/prev/bin/python"
 
 
 def test_loopback_pause_and_resume(loop: LocalCluster) -> None:

@@ -5,8 +5,11 @@ behind the ``counterdb-cluster`` tool (:mod:`counterdb.localcluster.cli`).
 :class:`LocalCluster` runs N real counterdb nodes (``twistd -n counterdb``)
 as separate processes, using the code of the ``counterdb`` package this
 package was imported from (``PYTHONPATH`` is set to the package's parent
-directory). Each node gets a directory ``<base_dir>/<name>`` holding its
-data dir (``data``) and its log (``node.log``).
+directory). With ``python=`` the nodes run in that interpreter instead, with
+only what it has installed (a virtualenv holding an earlier release, for
+upgrade tests); :meth:`LocalCluster.set_python` switches one stopped node.
+Each node gets a directory ``<base_dir>/<name>`` holding its data dir
+(``data``) and its log (``node.log``).
 
 Two modes:
 

@@ -58,7 +58,10 @@ class LocalCluster:
     """N real counterdb nodes on this machine; see :mod:`counterdb.localcluster`.
 
     ``with LocalCluster(base_dir, 3) as c:`` brings the cluster up and
-    always takes it down again.
+    always takes it down again. With ``python``, the nodes run in that
+    interpreter with only what it has installed (a virtualenv holding an
+    earlier release, for upgrade tests); :meth:`set_python` changes it for
+    one stopped node.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class LocalCluster:
         port: int | None = None,
         node_args: Sequence[str] = (),
         subnet: str | None = None,
+        python: str | None = None,
     ) -> None:
         if not 1 <= size <= 250:
             raise ClusterError(f"size must be from 1 to 250, got {size}")
@@ -82,6 +86,7 @@ class LocalCluster:
         self._port = port
         self._subnet = subnet
         self.node_args = [str(arg) for arg in node_args]
+        self._python = python
         self._state: ClusterState | None = None
         #: The cluster's random id, part of every namespace and link name;
         #: kept after :meth:`down` so callers can check nothing is left.
@@ -204,7 +209,10 @@ class LocalCluster:
     def _new_loopback_state(self) -> ClusterState:
         addresses = [f"127.0.0.{i + 1}" for i in range(1, self.size + 1)]
         port = self._port if self._port is not None else free_common_port(addresses)
-        nodes = [NodeRecord(name=f"n{i}", address=addresses[i - 1], workdir=self._workdir(i)) for i in self._numbers()]
+        nodes = [
+            NodeRecord(name=f"n{i}", address=addresses[i - 1], workdir=self._workdir(i), python=self._python)
+            for i in self._numbers()
+        ]
         return ClusterState(LOOPBACK, secrets.token_hex(3), port, port, self.node_args, nodes)
 
     def _new_netns_state(self) -> ClusterState:
@@ -218,6 +226,7 @@ class LocalCluster:
                 workdir=self._workdir(i),
                 netns=f"cdb-{cluster_id}-n{i}",
                 veth=f"cdb{cluster_id}h{i}",
+                python=self._python,
             )
             for i in self._numbers()
         ]
@@ -405,6 +414,21 @@ class LocalCluster:
                 self._stop_process(record, proxy=True)
             self._save()
 
+    def set_python(self, node: str, python: str | None) -> None:
+        """Run a stopped node in ``python`` from its next :meth:`start` on
+        (None: this interpreter and this checkout's code): an upgrade, or a
+        downgrade, on the same data dir, address and port."""
+        with self._locked():
+            record = self._stopped(node, "is running: stop it before changing its interpreter")
+            record.python = python
+            self._save()
+
+    def pid(self, node: str) -> int | None:
+        """The node's process id while it runs (or is paused), else None."""
+        with self._locked():
+            record = self._node(node)
+            return record.pid if self._state_of(record.pid, record.pid_start) != STOPPED else None
+
     def wipe_data(self, node: str) -> None:
         """Delete the data dir of a stopped node, as if its machine had been
         replaced: :meth:`start` then brings it up unconfigured, with a new
@@ -586,7 +610,8 @@ class LocalCluster:
 
     def _start_node(self, node: NodeRecord) -> None:
         command = network.in_netns(node.netns, processes.node_command(self._require_state(), node))
-        node.pid, node.pid_start = self._processes.spawn(command, Path(node.workdir), "node.log")
+        env = processes.node_env(node.python)
+        node.pid, node.pid_start = self._processes.spawn(command, Path(node.workdir), "node.log", env)
         log.info("started %s: pid %s", node.name, node.pid)
 
     def _start_proxy(self, node: NodeRecord) -> None:

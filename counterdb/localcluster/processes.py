@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 #: ``twisted/plugins``): the nodes' ``PYTHONPATH``.
 PACKAGE_PARENT = Path(counterdb.__file__).resolve().parent.parent
 
-#: twistd run by this interpreter (``twisted.scripts.twistd`` has no
+#: What runs twistd in an interpreter (``twisted.scripts.twistd`` has no
 #: ``__main__`` block).
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+TWISTD_MAIN = "from twisted.scripts.twistd import run; run()"
+#: twistd run by this interpreter.
+TWISTD = [sys.executable, "-c", TWISTD_MAIN]
 #: The delaying proxy of a netns node (:mod:`counterdb.localcluster.proxy`).
 PROXY = [sys.executable, "-c", "from counterdb.localcluster.proxy import main; main()"]
 
@@ -70,7 +72,8 @@ class CannotListen(ClusterError):
 
 
 def node_command(state: ClusterState, node: NodeRecord) -> list[str]:
-    """``twistd -n counterdb ...`` for ``node``, with its data dir."""
+    """``twistd -n counterdb ...`` for ``node``, with its data dir, in the
+    node's own interpreter if it has one (:func:`node_env`)."""
     if state.mode == NETNS:
         where = [
             "--port",
@@ -82,7 +85,8 @@ def node_command(state: ClusterState, node: NodeRecord) -> list[str]:
         ]
     else:
         where = ["--port", str(state.port), "--interface", node.address]
-    return [*TWISTD, "-n", "--pidfile=", "counterdb", *where, "--data-dir", str(node.data_dir), *state.node_args]
+    twistd = TWISTD if node.python is None else [node.python, "-c", TWISTD_MAIN]
+    return [*twistd, "-n", "--pidfile=", "counterdb", *where, "--data-dir", str(node.data_dir), *state.node_args]
 
 
 def proxy_command(state: ClusterState, node: NodeRecord, delay_file: Path) -> list[str]:
@@ -137,9 +141,12 @@ class ProcessTable:
         #: Log file -> its size when its process was last started here.
         self._log_offsets: dict[Path, int] = {}
 
-    def spawn(self, command: list[str], workdir: Path, log_name: str) -> tuple[int, int | None]:
+    def spawn(
+        self, command: list[str], workdir: Path, log_name: str, env: dict[str, str] | None = None
+    ) -> tuple[int, int | None]:
         """Start ``command`` in ``workdir`` in a session of its own, output
-        appended to ``workdir/log_name``; return (pid, /proc start time)."""
+        appended to ``workdir/log_name``, with ``env`` (default: this
+        checkout's, :func:`node_env`); return (pid, /proc start time)."""
         workdir.mkdir(parents=True, exist_ok=True)
         with open(workdir / log_name, "ab") as out:
             self._log_offsets[workdir / log_name] = out.tell()
@@ -148,7 +155,7 @@ class ProcessTable:
             proc = subprocess.Popen(
                 command,
                 cwd=workdir,
-                env=_child_env(),
+                env=env if env is not None else node_env(None),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -218,10 +225,17 @@ class ProcessTable:
         return f"was still running {timeout:g} s after SIGTERM: SIGKILLed"
 
 
-def _child_env() -> dict[str, str]:
-    """This environment, with the imported ``counterdb`` first on the path."""
+def node_env(python: str | None) -> dict[str, str]:
+    """The environment of a node run by ``python``. None (this interpreter):
+    this environment with the imported ``counterdb`` first on the path. Another
+    interpreter (a virtualenv holding another release): without
+    ``PYTHONPATH``, which would put this checkout's ``counterdb`` before
+    the one installed there."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
+    if python is None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
+    else:
+        env.pop("PYTHONPATH", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

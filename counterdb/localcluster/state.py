@@ -87,6 +87,10 @@ class NodeRecord:
     pid_start: int | None = None  # /proc start time: a reused pid is not ours
     proxy_pid: int | None = None
     proxy_start: int | None = None
+    #: The interpreter that runs the node, with only what it has installed
+    #: (a virtualenv holding another release); None: this interpreter, with
+    #: the imported ``counterdb`` on ``PYTHONPATH``.
+    python: str | None = None
 
     @property
     def log_path(self) -> Path:
