@@ -39,10 +39,17 @@ Pieces, each usable on its own:
   time, always healed at the end; executed by a thread that drives a
   ``counterdb.localcluster.LocalCluster``.
 
-- **Runner** (:func:`run`): a cluster, client threads, the nemesis, the final
-  heal, convergence and the check; the :class:`RunReport` has the figures
-  (operations, faults, violations, convergence time after the heal, the
-  availability of adds to live reachable nodes, add latency under faults) and,
+- **Rolling upgrade** (:data:`UPGRADE`, :data:`UPGRADE_KILL` events, carried
+  out by the nemesis): a node of a cluster started on an earlier release
+  (``RunConfig.python``, a virtualenv's interpreter) is stopped (SIGTERM) or
+  killed (SIGKILL) and started again on this checkout's code, same data dir,
+  address and port; each step is recorded as an :class:`Upgrade`.
+
+- **Runner** (:func:`run`): a cluster, client threads, the nemesis (its
+  schedule generated or given), the final heal, convergence and the check;
+  the :class:`RunReport` has the figures (operations, faults, violations,
+  convergence time after the heal, the availability of adds to live
+  reachable nodes, add latency under faults, upgrade steps) and,
   for a failed run, everything needed to understand and replay it
   (:meth:`RunReport.explain`).
 
@@ -53,6 +60,7 @@ Used by ``test_jepsen.py`` (runs on real nodes) and
 from __future__ import annotations
 
 import bisect
+import contextlib
 import http.client
 import itertools
 import os
@@ -65,7 +73,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodes import NODE_ARGS as _NODE_ARGS
-from nodes import http_request, is_refused
+from nodes import http_request, imported_counterdb, is_refused, schema_version, wait_until
 
 ADD = "add"
 READ = "read"
@@ -77,6 +85,10 @@ UNKNOWN = "unknown"
 DEFINITE_FAILURES = frozenset({400, 413, 422, 503})
 #: Of those, the ones a well-formed add of ours must never get: a bug if seen.
 UNEXPECTED_FAILURES = frozenset({400, 413, 422})
+#: The detail of an operation answered 503 by a node in its graceful stop:
+#: nothing changed, and expected only while that node was being stopped
+#: (checked by :func:`run` against the nemesis' down spans).
+SHUTTING_DOWN = "503 shutting down"
 
 
 # -- history -------------------------------------------------------------------
@@ -430,6 +442,11 @@ ALL_FAULTS = PROCESS_FAULTS + NETWORK_FAULTS
 ENDS = {KILL: "start", PAUSE: "resume", PARTITION: "heal", ONEWAY: "heal", SLOW: "heal", FLAKY: "heal"}
 #: The event that ends the run: every node running, resumed and reachable.
 HEAL_ALL = "heal_all"
+#: Rolling-upgrade steps (an explicit schedule, not :func:`generate_schedule`'s):
+#: restart a node on this checkout's code, on its data dir, address and port,
+#: after a clean stop (SIGTERM) or a crash (SIGKILL).
+UPGRADE, UPGRADE_KILL = "upgrade", "upgrade_kill"
+UPGRADES = (UPGRADE, UPGRADE_KILL)
 
 
 @dataclass(frozen=True)
@@ -598,6 +615,11 @@ KEYED_DEADLINE = 15.0
 CONVERGENCE_LIMIT = 30.0
 #: The agreed value must hold this long to count as converged.
 CONVERGENCE_STABLE = 0.5
+#: Adds a node acknowledges before its upgrade step (since the previous
+#: step) and after it: every step runs under load, on a mixed cluster.
+UPGRADE_ACKS = 100
+#: Deadline of each wait of an upgrade step.
+UPGRADE_WAIT = 30.0
 
 
 @dataclass
@@ -614,6 +636,28 @@ class RunConfig:
     node_args: tuple[str, ...] = NODE_ARGS
     counter: str = "jepsen"
     replay: str = ""  # the command that replays this run, for failure messages
+    python: str | None = None  # the nodes' interpreter at the start (None: this checkout; else an earlier release)
+
+
+@dataclass
+class Upgrade:
+    """One rolling-upgrade step as the nemesis carried it out (monotonic times)."""
+
+    node: str
+    how: str  # "SIGTERM" or "SIGKILL"
+    before: str = ""  # the counterdb the old process imported: "<version> <path>"
+    after: str = ""  # and the new one
+    schema_before: int | None = None  # the data dir's store schema once the old process was gone
+    files_before: tuple[str, ...] = ()  # the data dir's files then
+    stopped: float = 0.0
+    answering: float = 0.0  # the new process answered HTTP
+    caught_up: float = 0.0  # its local value held every add acknowledged before it started
+
+    def describe(self) -> str:
+        return (
+            f"{self.node} {self.how}: answering {self.answering - self.stopped:.2f} s after the stop, "
+            f"caught up {self.caught_up - self.answering:.2f} s later; {self.before!r} -> {self.after!r}"
+        )
 
 
 @dataclass
@@ -645,6 +689,8 @@ class RunReport:
     problems: list[str] = field(default_factory=list)  # nemesis errors, crashed nodes, stuck clients
     logs: str = ""  # the nodes' log tails at the end
     base_dir: str = ""
+    upgrades: list[Upgrade] = field(default_factory=list)
+    final_counterdb: dict[str, str] = field(default_factory=dict)  # upgrade runs: node -> what it runs at the end
 
     @property
     def ok(self) -> bool:
@@ -698,6 +744,10 @@ class RunReport:
             lines.append(f"  unexpected answers: {len(self.unexpected)}, first: {self.unexpected[0]}")
         for problem in self.problems:
             lines.append(f"  problem: {problem}")
+        for step in self.upgrades:
+            lines.append(f"  upgrade {step.describe()}")
+        if self.final_counterdb:
+            lines.append(f"  at the end: {self.final_counterdb}")
         lines.append(f"  schedule: {describe_schedule(self.schedule, limit=15)}")
         if c.replay:
             lines.append(f"  replay: {c.replay}")
@@ -777,6 +827,21 @@ def _send(url: str, method: str, body: bytes | None, timeout: float, headers: di
         return None, type(e).__name__
 
 
+def _shutting_down(response: Any) -> bool:
+    """A node's answer in its graceful stop (SIGTERM): 503, nothing changed."""
+    return response.status == 503 and b"shutting down" in response.body
+
+
+def _unexpected_stops(history: History, down: Mapping[str, Sequence[tuple[float, float]]]) -> list[str]:
+    """Operations answered "shutting down" by a node that the nemesis was not
+    stopping then."""
+    return [
+        f"answered shutting down while not being stopped: {op.describe()}"
+        for op in history
+        if SHUTTING_DOWN in op.detail and not any(b <= op.end and op.start <= e for b, e in down.get(op.node, ()))
+    ]
+
+
 class _Client:
     """One process (client thread): random adds and consistent reads on
     random nodes until told to stop."""
@@ -842,6 +907,8 @@ class _Client:
                 self.note(f"read on {node}: {response!r}")
         elif response.status == 504:
             op.outcome, op.detail = FAIL, "504"
+        elif _shutting_down(response):
+            op.outcome, op.detail = FAIL, SHUTTING_DOWN
         else:
             op.detail = str(response.status)
             self.note(f"read on {node}: {response!r}")
@@ -867,6 +934,9 @@ class _Client:
                 if replayed and not maybe_applied:
                     self.note(f"add {amount} on {node}: a first attempt was answered as a replay: {response!r}")
                 attempt = OK
+            elif _shutting_down(response):
+                details.append(SHUTTING_DOWN)
+                attempt = FAIL
             elif response.status in DEFINITE_FAILURES:
                 details.append(str(response.status))
                 attempt = FAIL
@@ -922,6 +992,7 @@ class Nemesis(threading.Thread):
         self.abort = abort
         self.killed: set[str] = set()
         self.paused: set[str] = set()
+        self.steps_end = t0  # when the last upgrade step ended
         self.open: dict[tuple[str, str], float] = {}  # (node, why) -> since
 
     def _down(self, node: str, why: str, at: float) -> None:
@@ -945,7 +1016,7 @@ class Nemesis(threading.Thread):
             end = time.monotonic()
             self.settle(event, end)
             self.report.applied.append(Applied(event, begin, end, error))
-            if event.fault in ALL_FAULTS and self.report.fault_begin is None:
+            if (event.fault in ALL_FAULTS or event.fault in UPGRADES) and self.report.fault_begin is None:
                 self.report.fault_begin = begin
             if error is not None:
                 self.report.problems.append(f"nemesis: {event}: {error}")
@@ -981,6 +1052,8 @@ class Nemesis(threading.Thread):
             c.heal()
         elif kind == HEAL_ALL:
             self.heal_all()
+        elif kind in UPGRADES:
+            self.upgrade(targets[0], crash=kind == UPGRADE_KILL)
         else:
             raise ValueError(f"unknown event {event}")
 
@@ -996,6 +1069,61 @@ class Nemesis(threading.Thread):
                 if why == FLAKY or (kind == HEAL_ALL and node not in self.killed | self.paused):
                     self._up(node, why, now)
 
+    def upgrade(self, node: str, crash: bool) -> None:
+        """One rolling-upgrade step: once ``node`` acknowledged
+        :data:`UPGRADE_ACKS` adds since the previous step, stop it (SIGTERM,
+        or SIGKILL with ``crash``), start it on this checkout's code, wait
+        until it holds every add acknowledged before it started, and until
+        it acknowledged :data:`UPGRADE_ACKS` adds itself."""
+        c, step = self.cluster, Upgrade(node, "SIGKILL" if crash else "SIGTERM")
+        self.report.upgrades.append(step)
+        self._wait_acks(node, self.steps_end)
+        step.before = imported_counterdb(_pid(c, node))
+        self._down(node, KILL, time.monotonic())
+        self.killed.add(node)  # heal_all starts it if this step fails midway
+        problem = c.shutdown_problems.get(node)
+        c.kill(node) if crash else c.stop(node)
+        step.stopped = time.monotonic()
+        if not crash and c.shutdown_problems.get(node) != problem:
+            raise AssertionError(f"{node} did not stop cleanly on SIGTERM: {c.shutdown_problems[node]}")
+        data_dir = c.data_dir(node)
+        step.schema_before = schema_version(data_dir)
+        step.files_before = tuple(sorted(path.name for path in data_dir.iterdir()))
+        c.set_python(node, None)
+        c.start(node)
+        self.killed.discard(node)
+        step.answering = time.monotonic()
+        self._up(node, KILL, step.answering)
+        step.after = imported_counterdb(_pid(c, node))
+        step.caught_up = self._wait_caught_up(node, step.answering)
+        self._wait_acks(node, step.answering)
+        self.steps_end = time.monotonic()
+
+    def _wait_acks(self, node: str, since: float) -> None:
+        """Wait until ``node`` acknowledged :data:`UPGRADE_ACKS` adds begun since ``since``."""
+
+        def acked() -> int:
+            ops = self.report.history.snapshot()
+            done = sum(op.kind == ADD and op.outcome == OK and op.node == node and op.start >= since for op in ops)
+            return done >= UPGRADE_ACKS or self.abort.is_set()
+
+        wait_until(acked, UPGRADE_WAIT, message=f"{UPGRADE_ACKS} adds acknowledged by {node}")
+
+    def _wait_caught_up(self, node: str, started: float) -> float:
+        """Wait until ``node``'s local value holds every add acknowledged
+        before ``started``; return when it did."""
+        ops = self.report.history.snapshot()
+        target = sum(op.amount for op in ops if op.kind == ADD and op.outcome == OK and op.end < started)
+        path = "/counter/" + urllib.parse.quote(self.report.config.counter, safe="")
+        urls = {node: self.cluster.url(node)}
+
+        def holds() -> bool:
+            value = _local_values(urls, path)[node]
+            return (isinstance(value, int) and value >= target) or self.abort.is_set()
+
+        wait_until(holds, UPGRADE_WAIT, message=f"{node}'s value to reach {target}, acknowledged before it started")
+        return time.monotonic()
+
     def heal_all(self) -> None:
         """Every node running, resumed and (netns) every network fault gone."""
         for node in sorted(self.paused):
@@ -1006,6 +1134,13 @@ class Nemesis(threading.Thread):
             self.killed.discard(node)
         if self.cluster.netns:
             self.cluster.heal()
+
+
+def _pid(cluster: Any, node: str) -> int:
+    pid = cluster.pid(node)
+    if pid is None:
+        raise AssertionError(f"{node} is not running")
+    return pid
 
 
 def _local_values(urls: dict[str, str], path: str) -> dict[str, Any]:
@@ -1050,21 +1185,26 @@ def converge(
         time.sleep(0.05)  # poll interval; the limit above bounds the loop
 
 
-def run(base_dir: str | os.PathLike[str], config: RunConfig) -> RunReport:
+def run(base_dir: str | os.PathLike[str], config: RunConfig, schedule: Sequence[Event] | None = None) -> RunReport:
     """One run: a cluster, ``config.clients`` client threads and the nemesis
-    for ``config.duration`` s, then the final heal; clients stop, the nodes'
-    values converge (timed from the heal), each node answers one last
-    consistent read, and the history is checked."""
+    for ``config.duration`` s (its schedule generated from the seed, or
+    ``schedule``), then the final heal; clients stop, the nodes' values
+    converge (timed from the heal), each node answers one last consistent
+    read, and the history is checked."""
     from counterdb.localcluster import LocalCluster  # not needed by the checker's unit tests
 
     names = [f"n{i}" for i in range(1, config.size + 1)]
-    schedule = generate_schedule(config.seed, names, config.duration, config.kinds)
-    report = RunReport(config, schedule, base_dir=str(base_dir))
+    if schedule is None:
+        schedule = generate_schedule(config.seed, names, config.duration, config.kinds)
+    report = RunReport(config, list(schedule), base_dir=str(base_dir))
     lock = threading.Lock()
     stop = threading.Event()
     abort = threading.Event()
     path = "/counter/" + urllib.parse.quote(config.counter, safe="")
-    with LocalCluster(base_dir, size=config.size, netns=config.netns, node_args=config.node_args) as cluster:
+    cluster = LocalCluster(
+        base_dir, size=config.size, netns=config.netns, node_args=config.node_args, python=config.python
+    )
+    with cluster:
         if list(cluster.nodes) != names:
             raise AssertionError(f"expected nodes {names}, the cluster has {cluster.nodes}")
         urls = {node: cluster.url(node) for node in names}
@@ -1108,8 +1248,13 @@ def run(base_dir: str | os.PathLike[str], config: RunConfig) -> RunReport:
         for status in cluster.status():
             if status.state != "running":
                 report.problems.append(f"{status.name} is {status.state} at the end of the run (pid {status.pid})")
+        if report.upgrades:
+            for node in names:
+                with contextlib.suppress(Exception):  # a stopped node is reported above
+                    report.final_counterdb[node] = imported_counterdb(_pid(cluster, node))
         report.logs = "\n".join(cluster.log_tail(node, 25) for node in names)
     report.available = availability(report.history, report.down)
+    report.unexpected += _unexpected_stops(report.history, report.down)
     if report.fault_begin is not None:
         during = [
             op.end - op.start

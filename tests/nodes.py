@@ -35,6 +35,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import subprocess
 import sys
 import sysconfig
 import time
@@ -509,6 +510,44 @@ def configured_cluster(base_dir: Path, args: Sequence[str] = NODE_ARGS) -> Itera
                 f"POST /config to {node} answered {answer!r}"
             )
         yield nodes
+
+
+# -- what a node runs -------------------------------------------------------------
+
+#: Prints the version and the file of the ``counterdb`` an interpreter imports.
+_COUNTERDB_PROBE = "import counterdb; print(counterdb.__version__, counterdb.__file__)"
+
+
+def imported_counterdb(pid: int) -> str:
+    """``"<version> <path of __init__.py>"`` of the ``counterdb`` the running
+    node ``pid`` imported.
+
+    Its own interpreter (``argv[0]`` from ``/proc``) is run again with the
+    process's own environment and working directory: the same ``sys.path``,
+    so the same package (a ``PYTHONPATH`` left pointing at this checkout
+    would show here). Only for node processes, whose command is
+    ``<python> -c <twistd main>``."""
+    proc = Path(f"/proc/{pid}")
+    argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
+    if argv[1:3] != [b"-c", localcluster.TWISTD[-1].encode()]:
+        raise ValueError(f"pid {pid} is not a node run as <python> -c <twistd main>: {argv!r}")
+    environ = proc.joinpath("environ").read_bytes().split(b"\0")
+    env = dict(entry.split(b"=", 1) for entry in environ if b"=" in entry)
+    probe = [argv[0], b"-c", _COUNTERDB_PROBE.encode()]
+    done = subprocess.run(probe, env=env, cwd=os.readlink(proc / "cwd"), capture_output=True, timeout=30, check=True)
+    return done.stdout.decode().strip()
+
+
+def schema_version(data_dir: Path) -> int | None:
+    """The store schema (``PRAGMA user_version``) in a data dir; None if it
+    has no database."""
+    from counterdb.store import DB_FILE
+
+    path = data_dir / DB_FILE
+    if not path.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 def without_version(config: dict[str, Any]) -> dict[str, Any]:

@@ -203,3 +203,15 @@ def test_schedules_use_only_the_kinds_asked_for() -> None:
         jepsen.generate_schedule(1, ["n1", "n2"], 30.0)
     with pytest.raises(ValueError):
         jepsen.generate_schedule(1, ["n1", "n2", "n3"], 30.0, kinds=["meteor"])
+
+
+def test_a_shutting_down_answer_is_expected_only_while_the_nemesis_stops_that_node() -> None:
+    history = History()
+    during = history.read(None, 10.0, 10.1, FAIL, node="n1")
+    elsewhere = history.read(None, 10.0, 10.1, FAIL, node="n2")
+    later = history.add(3, 20.0, 20.1, FAIL, node="n1")
+    for op in (during, elsewhere, later):
+        op.detail = jepsen.SHUTTING_DOWN
+    history.read(None, 30.0, 30.1, FAIL, node="n3").detail = "504"
+    unexpected = jepsen._unexpected_stops(history, {"n1": [(9.5, 11.0)]})
+    assert [line.split(": ", 1)[1] for line in unexpected] == [elsewhere.describe(), later.describe()]
