@@ -1,3 +1,3 @@
 """counterdb: a distributed database of increment-only counters on Twisted."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,6 +4,10 @@ The HTTP API: a Klein resource tree over a :class:`Node` and its :class:`Cluster
 Counter values are plain-text decimal integers; every error is JSON
 ``{"error": "..."}`` with a 4xx status saying what was wrong, or 500 for
 the unexpected (logged with the request it came from).
+
+Every answer of a private route states the protocol version it is written
+in (``Counterdb-Protocol``): the request's, which must be one this node
+speaks (no header: version 1, a release before 0.2.0).
 """
 
 from __future__ import annotations
@@ -47,10 +51,16 @@ from counterdb.wire import (
     DUPLICATED_REPLICA,
     MAX_BODY_BYTES,
     MAX_PAGE_BYTES,
+    PROTOCOL_HEADER,
+    PROTOCOL_MEMBER,
+    PROTOCOL_VERSION,
     REPLICA_HEADER,
     SAME_REPLICA,
     BadJSON,
+    IncompatibleProtocol,
+    accepted_protocols,
     decode_json,
+    read_protocol,
 )
 
 #: Largest ?timeout= a consistent read accepts, in seconds.
@@ -91,7 +101,9 @@ def private(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     def guarded(self: CounterAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        request.setHeader(_PROTOCOL_KEY, _OUR_PROTOCOL)  # refusals state ours, too
         self._check_access(request, self.access.cluster, None, "the cluster secret")
+        self._check_protocol(request)
         return handler(self, request, *args, **kwargs)
 
     guarded.access = "private"  # type: ignore[attr-defined]
@@ -130,6 +142,8 @@ class CounterAPI:
         self.access = access
         self.metrics = metrics
         self._refusals = RateLimitedLog(node.clock, 60.0, self.log)
+        #: Peer requests refused for their protocol version (``GET /status``, metrics).
+        self.protocol_refusals = 0
         self.node = node
         self.members = members
         self.replication = replication
@@ -209,6 +223,7 @@ class CounterAPI:
                 "store_bytes": self.node.store.size_bytes(),
                 **self._replica_census(),
                 "stats": attrs.asdict(self.node.stats),
+                "protocol": self._protocol_status(),
                 "peers": {url: _link_status(link) for url, link in self.replication.links.items()},
             },
         )
@@ -366,6 +381,28 @@ class CounterAPI:
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="counterdb"')
         raise ClientError(401, f"this endpoint needs {what}: send Authorization: Bearer <secret>")
 
+    def _check_protocol(self, request: IRequest) -> None:
+        """Refuse (400, before anything is read or changed) a request in a
+        protocol version this node does not speak; else answer in the
+        request's version, and say so. 400, not 409 or 5xx: every release
+        takes a 4xx from a peer as "up, but refuses this", and neither
+        retries it nor marks a replica conflict (docs/design.md)."""
+        try:
+            version = read_protocol(request.requestHeaders.getRawHeaders(_PROTOCOL_KEY), "the request")
+        except IncompatibleProtocol as e:
+            self.protocol_refusals += 1
+            if self.metrics is not None:
+                self.metrics.protocol_refusals.inc()
+            self._refusals.event("protocol version", str(e), _client_of(request))
+            refusal = {"stated": e.stated, "accepted": accepted_protocols(), "version": PROTOCOL_VERSION}
+            raise ClientError(400, str(e), **{PROTOCOL_MEMBER: refusal}) from None
+        if version != PROTOCOL_VERSION:
+            request.setHeader(_PROTOCOL_KEY, str(version).encode("ascii"))
+
+    def _protocol_status(self) -> dict[str, Any]:
+        refused = self.protocol_refusals
+        return {"version": PROTOCOL_VERSION, "accepted": accepted_protocols(), "refused_requests": refused}
+
     def _refuse_own_replica(self, request: IRequest) -> str | None:
         """A peer that sends this node's own replica id (or one this node
         gave up for that reason) runs on a copy of this node's data dir:
@@ -441,6 +478,8 @@ def _link_status(link: PeerLink) -> dict[str, Any]:
         "reachable": link.reachable,
         "replica": link.replica,
         "conflict": link.conflict,
+        "protocol": link.client.peer_protocol,
+        "incompatible": link.incompatible,
         "dirty": len(link.dirty),
         "last_success": link.last_success,
         "pushing_given_up": link.given_up,
@@ -452,6 +491,9 @@ def _client_of(request: IRequest) -> str:
     peer = request.getClientAddress()
     return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
+
+_PROTOCOL_KEY = PROTOCOL_HEADER.encode("ascii")
+_OUR_PROTOCOL = str(PROTOCOL_VERSION).encode("ascii")
 
 #: Reason phrases Twisted does not know.
 _REASONS = {422: b"Unprocessable Content"}

@@ -135,6 +135,6 @@ async def fetch_counter(link: PeerLink, name: str) -> Partials:
         except PeerRefused as e:
             link.note_refused("a consistent read", 1, e)
         except Exception as e:
-            link.note_unreachable(str(e))
+            link.note_failure(e)
         await deferLater(link.clock, backoff_delay(attempt, link.settings, link.rng))
         attempt += 1

@@ -202,6 +202,11 @@ class Metrics:
             buckets=_READ_BUCKETS,
             registry=r,
         )
+        self.protocol_refusals = Counter(
+            "counterdb_protocol_refusals",
+            "Peer requests this node refused because they state a protocol version it does not speak.",
+            registry=r,
+        )
         r.register(_LiveCollector(self))
 
     def attach(self, node: Node, replication: Replication | None = None, reads: ConsistentReads | None = None) -> None:
@@ -371,6 +376,11 @@ _PEER_FAMILIES = (
         "gauge",
         "Seconds since the last successful exchange with the peer (absent before the first).",
     ),
+    (
+        "counterdb_peer_incompatible",
+        "gauge",
+        "1 while the peer and this node speak no common protocol version (nothing is exchanged).",
+    ),
     ("counterdb_replication_pending_counters", "gauge", "Counters changed here and not yet pushed to the peer."),
     ("counterdb_pushes", "counter", "Pushes to the peer, by outcome: ok (answered 200) or failed (no answer)."),
     ("counterdb_push_bytes", "counter", "Bytes of the request bodies of the pushes answered 200."),
@@ -401,6 +411,7 @@ def _add_peer(families: dict[str, Any], link: PeerLink) -> None:
     peer, stats = link.entry, link.stats
     families["counterdb_peer_up"].add_metric([peer], 1.0 if link.reachable else 0.0)
     families["counterdb_peer_conflict"].add_metric([peer], 0.0 if link.conflict is None else 1.0)
+    families["counterdb_peer_incompatible"].add_metric([peer], 0.0 if link.incompatible is None else 1.0)
     last_success = getattr(link, "last_success", None)
     if last_success is not None:
         families["counterdb_replication_lag_seconds"].add_metric([peer], max(0.0, link.clock.seconds() - last_success))

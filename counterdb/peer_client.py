@@ -3,7 +3,9 @@ The HTTP calls one node makes to one peer: bounded in time, bounded in
 size, and cancellable end to end.
 
 Every request names the calling replica (``Counterdb-Replica``) so that the
-peer can refuse a replica id that answers from two places; every answer is
+peer can refuse a replica id that answers from two places, and the protocol
+version it is written in (``Counterdb-Protocol``); every answer is checked
+for a protocol version this node speaks before its body is looked at, and
 read with a size cap and decoded with the same hostile-input rules as the
 node's own API.
 """
@@ -22,8 +24,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from counterdb.wire import MAX_ANSWER_BYTES, REPLICA_HEADER, BadJSON, decode_json, encode_json
+from counterdb.wire import (
+    MAX_ANSWER_BYTES,
+    PROTOCOL_HEADER,
+    PROTOCOL_VERSION,
+    REPLICA_HEADER,
+    BadJSON,
+    IncompatibleProtocol,
+    decode_json,
+    encode_json,
+    read_protocol,
+)
 
+_OUR_PROTOCOL = str(PROTOCOL_VERSION)
+_PROTOCOL_KEY = PROTOCOL_HEADER.lower().encode("ascii")
 #: How much of a refusal's body goes into the error message.
 _REASON_CHARS = 200
 #: Every peer request: a peer that redirects is not followed (it would send
@@ -58,6 +72,11 @@ class PeerError(Exception):
     that is too large or not the JSON expected)."""
 
 
+class PeerIncompatible(PeerError):
+    """The peer answered in a protocol version this node does not speak:
+    nothing in the answer is used."""
+
+
 class PeerClient:
     """Requests to one peer, each with a timeout and a cap on the answer."""
 
@@ -79,9 +98,12 @@ class PeerClient:
         self._replica_id = replica_id
         self._authorization = authorization  # "Bearer <cluster secret>": never logged
         self._sync_url = EncodedURL.from_text(f"{base_url}/sync")
+        #: The protocol version of the peer's last answer: 1 for a release
+        #: before 0.2.0, None before the first answer this node could read.
+        self.peer_protocol: int | None = None
 
     def _headers(self) -> dict[str, list[str]]:
-        headers = {REPLICA_HEADER: [self._replica_id()]}
+        headers = {REPLICA_HEADER: [self._replica_id()], PROTOCOL_HEADER: [_OUR_PROTOCOL]}
         if self._authorization is not None:
             headers["Authorization"] = [self._authorization]
         return headers
@@ -118,10 +140,16 @@ class PeerClient:
     def _json_body(self, response: Any) -> Deferred[Any]:
         body = bytearray()
         d = treq.collect(response, _Capped(MAX_ANSWER_BYTES, self.base_url, body).write)
-        d.addCallback(lambda _: self._decode(response.code, bytes(body)))
+        d.addCallback(lambda _: self._decode(response.code, bytes(body), response.headers))
         return d
 
-    def _decode(self, code: int, body: bytes) -> Any:
+    def _decode(self, code: int, body: bytes, headers: Any) -> Any:
+        # First: a body in a version this node does not speak may mean
+        # something else than it seems, refusals included.
+        try:
+            self.peer_protocol = read_protocol(headers.getRawHeaders(_PROTOCOL_KEY), f"the answer of {self.base_url}")
+        except IncompatibleProtocol as e:
+            raise PeerIncompatible(str(e)) from None
         if 400 <= code < 500:
             details = _json_object(body)
             raise PeerRefused(self.base_url, code, _reason(body, details), details)

@@ -15,6 +15,9 @@ Every answer is checked before anything is merged. A peer that answers
 with this node's own replica id, or with the replica id another peer
 already answers with, is refused loudly: two places writing one replica id
 (a copied data dir) would make the max-merge drop increments silently.
+An answer in a protocol version this node does not speak (or a refusal
+saying the peer does not speak ours) is not merged either: the link says so
+in ``GET /status`` until the two versions overlap again.
 
 Everything waits on an injected clock and talks through an injected
 treq-like client, so the module runs under ``task.Clock`` and ``StubTreq``.
@@ -35,8 +38,8 @@ from twisted.logger import Logger
 from counterdb.crdt import InvalidState, is_replica_id, validate_counters
 from counterdb.membership import Membership
 from counterdb.node import Node
-from counterdb.peer_client import HTTPClient, PeerClient, PeerRefused
-from counterdb.wire import MAX_BODY_BYTES, SAME_REPLICA, encode_json
+from counterdb.peer_client import HTTPClient, PeerClient, PeerIncompatible, PeerRefused
+from counterdb.wire import MAX_BODY_BYTES, PROTOCOL_MEMBER, SAME_REPLICA, encode_json
 
 log = Logger()
 
@@ -113,6 +116,9 @@ class PeerLink:
         self.reachable: bool | None = None  # unknown until the first exchange
         self.replica: str | None = None  # the peer's replica id, once it answered
         self.conflict: str | None = None  # why this peer's data is refused
+        #: Why this node and the peer cannot talk: their protocol versions do
+        #: not overlap (cleared by the next exchange that works).
+        self.incompatible: str | None = None
         self.last_success: float | None = None  # clock.seconds() of the last successful exchange
         self.stats = LinkStats()
         self._claim_replica = claim_replica
@@ -190,7 +196,7 @@ class PeerLink:
                 except Exception as e:
                     self.dirty |= batch
                     self.stats.push_failures += 1
-                    self.note_unreachable(str(e))
+                    self.note_failure(e)
                     if attempt >= self.settings.push_retries:
                         log.warn(
                             "giving up pushing to {peer} after {n} retries; polling will catch up",
@@ -241,6 +247,10 @@ class PeerLink:
         self._mark_up()
         refusal = (error.code, error.reason)
         repeated, self._last_refusal = refusal == self._last_refusal, refusal
+        if PROTOCOL_MEMBER in error.details:  # the peer does not speak this node's version
+            self.note_incompatible(error.reason)
+            return
+        self.note_incompatible(None)
         if error.code == 409:  # the peer saw our replica id answer from two places
             self.mark_conflict(f"it refuses this node: {error.reason}")
             if error.details.get("conflict") == SAME_REPLICA:
@@ -284,7 +294,7 @@ class PeerLink:
                 return
             except Exception as e:
                 self.stats.poll_failures += 1
-                self.note_unreachable(str(e))
+                self.note_failure(e)
                 return
             self.stats.polls += 1
             self.replication_hears_config(self, answer.get("config"))
@@ -339,6 +349,7 @@ class PeerLink:
 
     def note_reachable(self) -> None:
         """A successful exchange."""
+        self.note_incompatible(None)
         self._last_refusal = None
         self.last_success = self.clock.seconds()
         self._mark_up()
@@ -351,6 +362,22 @@ class PeerLink:
             self._given_up = False
             if self.dirty:
                 self.mark_dirty(set())
+
+    def note_failure(self, error: Exception) -> None:
+        """A request that got no usable answer."""
+        if isinstance(error, PeerIncompatible):
+            self.note_incompatible(str(error))
+        else:
+            self.note_unreachable(str(error))
+
+    def note_incompatible(self, reason: str | None) -> None:
+        """The peer and this node speak no common protocol version (None:
+        they do again). One log line per change, not one per request."""
+        if reason is not None and self.incompatible is None:
+            log.error("peer {peer} speaks no protocol version this node does: {reason}", peer=self.entry, reason=reason)
+        elif reason is None and self.incompatible is not None:
+            log.info("peer {peer} speaks a protocol version this node does again", peer=self.entry)
+        self.incompatible = reason
 
     def note_unreachable(self, reason: str) -> None:
         """One log line per transition, with the reason, not one per retry."""

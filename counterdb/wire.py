@@ -56,3 +56,53 @@ def decode_json(body: bytes) -> Any:
 
 def encode_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+# -- protocol version ------------------------------------------------------------
+
+#: Sent on every node-to-node request and every answer to one: the protocol
+#: version that message is written in. Releases before 0.2.0 send no such
+#: header; a message without it is version 1 (docs/design.md, "Protocol
+#: versions").
+PROTOCOL_HEADER = "Counterdb-Protocol"
+#: What this release writes, and the oldest version it still reads. Version 2
+#: adds nothing but the header to version 1, which is why 1 stays accepted.
+PROTOCOL_VERSION = 2
+MIN_PROTOCOL_VERSION = 1
+#: The member of a refusal's JSON that says what was refused and what is accepted.
+PROTOCOL_MEMBER = "protocol"
+
+
+class IncompatibleProtocol(ValueError):
+    """A message in a protocol version this node does not speak; the message
+    names the version stated and the versions accepted."""
+
+    def __init__(self, stated: str, what: str) -> None:
+        super().__init__(
+            f"{what} states counterdb protocol version {stated} ({PROTOCOL_HEADER}: {stated}); "
+            f"this node (protocol {PROTOCOL_VERSION}) speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}: "
+            "upgrade or roll back one of the two so that their versions overlap"
+        )
+        self.stated = stated
+
+
+def accepted_protocols() -> list[int]:
+    return [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]
+
+
+def read_protocol(values: list[bytes] | list[str] | None, what: str) -> int:
+    """The protocol version of a message from its header values (None or
+    none: a release before the header, version 1), or raise
+    :class:`IncompatibleProtocol` for a version outside the accepted range,
+    several values or anything but a small decimal number."""
+    if not values:
+        return 1
+    raw = values[0] if len(values) == 1 else b"several values"
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 6):
+        raise IncompatibleProtocol(repr(text[:40]), what)
+    version = int(text)
+    if not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+        raise IncompatibleProtocol(str(version), what)
+    return version
