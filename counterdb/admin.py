@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from counterdb.migrations import OLDEST_SCHEMA
 from counterdb.store import DB_FILE, SCHEMA_VERSION, StoreError, new_replica_id
 
 DESCRIPTION = "Offline chores on a counterdb data dir: back up a running node, restore a backup."
@@ -110,8 +111,12 @@ def _check_readable(path: Path) -> None:
 
 def _check_schema(source: sqlite3.Connection, path: Path) -> None:
     version = source.execute("PRAGMA user_version").fetchone()[0]
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"{path}: schema version {version}, not a counterdb backup of schema version {SCHEMA_VERSION}")
+    # An older schema is upgraded (after a copy) when the node opens it.
+    if not OLDEST_SCHEMA <= version <= SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: schema version {version}, not a counterdb backup of schema version "
+            f"{OLDEST_SCHEMA} to {SCHEMA_VERSION}"
+        )
     try:
         row = source.execute("SELECT value FROM meta WHERE key = 'replica_id'").fetchone()
     except sqlite3.OperationalError:  # no such table

@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from counterdb import __version__, migrations
 from counterdb.crdt import Partials
 
 log = Logger()
@@ -151,25 +152,31 @@ def entries_of(counters: dict[str, Partials]) -> Iterable[tuple[str, str, int]]:
 
 # -- SQLite ----------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+#: The schema this code writes; older ones down to
+#: :data:`migrations.OLDEST_SCHEMA` are upgraded when opened, newer ones refused.
+SCHEMA_VERSION = 2
 DB_FILE = "counterdb.sqlite3"
 LOCK_FILE = "counterdb.lock"
+#: STRICT tables (schema 2) need this SQLite, to write and to read.
+MIN_SQLITE = (3, 37, 0)
 
+# Schema 2 (history in docs/design.md). STRICT: a value of the wrong type
+# is refused, never stored as text that would sort above every count.
 _SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT, WITHOUT ROWID;
 CREATE TABLE partials (
     counter TEXT NOT NULL,
     replica TEXT NOT NULL,
     count INTEGER NOT NULL CHECK (count >= 0),
     PRIMARY KEY (counter, replica)
-) WITHOUT ROWID;
+) STRICT, WITHOUT ROWID;
 CREATE TABLE idempotency (
     key TEXT PRIMARY KEY,
     counter TEXT NOT NULL,
     amount INTEGER NOT NULL,
     value INTEGER NOT NULL,
     created REAL NOT NULL
-) WITHOUT ROWID;
+) STRICT, WITHOUT ROWID;
 CREATE INDEX idempotency_by_age ON idempotency (created);
 """
 
@@ -273,8 +280,9 @@ class SqliteStore:
             self._set_meta("replica_id", replica_id)
         # This record must be on disk before the first increment, whatever
         # the durability mode, or a power loss right after a clean start
-        # would look like a clean stop.
-        self._set_meta_durably({"clean_shutdown": "0"})
+        # would look like a clean stop. Which release writes the store from
+        # now on goes with it (for operators rolling back).
+        self._set_meta_durably({"clean_shutdown": "0", "written_by": __version__})
         return replica_id
 
     def load(self) -> LoadedState:
@@ -538,21 +546,17 @@ def _lock_data_dir(path: Path) -> Any:
 
 
 def _open_database(db_path: Path, synchronous: str) -> sqlite3.Connection:
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        needed = ".".join(map(str, MIN_SQLITE))
+        found = sqlite3.sqlite_version
+        raise StoreError(f"{db_path}: needs SQLite {needed} or newer (STRICT tables); this Python has {found}")
     existed = db_path.exists()
     try:
         db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as e:
         raise StoreError(f"{db_path}: cannot open the database: {e}") from None
     try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if version == 0 and tables == 0:
-            _create_schema(db)
-        elif version != SCHEMA_VERSION:
-            raise StoreError(
-                f"{db_path}: unknown schema version {version} (this counterdb reads version {SCHEMA_VERSION}); "
-                "refusing to touch it"
-            )
+        _create_or_upgrade(db, db_path)
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(f"{db_path}: cannot switch to WAL mode (got {mode!r})")
@@ -578,6 +582,31 @@ def _read_ahead(db_path: Path) -> None:
     with open(db_path, "rb", buffering=0) as f:
         while f.read(1 << 20):
             pass
+
+
+def _create_or_upgrade(db: sqlite3.Connection, db_path: Path) -> None:
+    """Leave ``db`` at :data:`SCHEMA_VERSION`: create it if empty, upgrade
+    it if older, refuse it if newer (a downgrade would misread it)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if version == 0 and tables == 0:
+        _create_schema(db)
+    elif version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{db_path}: schema version {version} is newer than this counterdb ({__version__}) reads "
+            f"(up to {SCHEMA_VERSION}): a newer release wrote it; run that release, or restore the "
+            f"{migrations.backup_path(db_path, SCHEMA_VERSION).name} that it made when upgrading (docs/operations.md)"
+        )
+    elif version < migrations.OLDEST_SCHEMA:
+        raise StoreError(
+            f"{db_path}: unknown schema version {version} (this counterdb reads versions "
+            f"{migrations.OLDEST_SCHEMA} to {SCHEMA_VERSION}); refusing to touch it"
+        )
+    elif version < SCHEMA_VERSION:
+        try:
+            migrations.upgrade(db, db_path, version, SCHEMA_VERSION)
+        except migrations.MigrationError as e:
+            raise StoreError(str(e)) from None
 
 
 def _create_schema(db: sqlite3.Connection) -> None:

@@ -75,14 +75,17 @@ def test_a_corrupt_database_is_refused(tmp_path: Path) -> None:
         SqliteStore(str(tmp_path), reactor)
 
 
-def test_an_unknown_schema_version_is_refused(tmp_path: Path, opened: list[SqliteStore]) -> None:
+def test_a_newer_schema_version_is_refused_and_left_alone(tmp_path: Path, opened: list[SqliteStore]) -> None:
     open_store(opened, tmp_path).close()
     db = sqlite3.connect(tmp_path / DB_FILE)
     db.execute("PRAGMA user_version = 99")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="unknown schema version 99"):
+    before = (tmp_path / DB_FILE).read_bytes()
+    with pytest.raises(StoreError, match=r"schema version 99 is newer than this counterdb \(0.2.0\) reads \(up to 2\)"):
         SqliteStore(str(tmp_path), reactor)
+    assert (tmp_path / DB_FILE).read_bytes() == before
+    assert not list(tmp_path.glob("*.bak"))  # a downgrade is not attempted
 
 
 def test_a_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
