@@ -97,9 +97,9 @@ def read_protocol(values: list[bytes] | list[str] | None, what: str) -> int:
     several values or anything but a small decimal number."""
     if not values:
         return 1
-    raw = values[0] if len(values) == 1 else b"several values"
-    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
-    text = text.strip()
+    # Several values are shown as one header would carry them: "2, 3".
+    texts = [value.decode("latin-1") if isinstance(value, bytes) else value for value in values]
+    text = ", ".join(texts).strip()
     if not (text.isascii() and text.isdigit() and len(text) <= 6):
         raise IncompatibleProtocol(repr(text[:40]), what)
     version = int(text)

@@ -264,6 +264,7 @@ def test_several_protocol_headers_are_refused(net: FakeNet) -> None:
     net.add(A)
     code, body = net.request("GET", A, "/sync", headers={PROTOCOL_HEADER: ["2", "2"]})
     assert code == 400, body
+    assert json.loads(body)["protocol"]["stated"] == "'2, 2'"
 
 
 def test_refused_requests_are_logged_rate_limited_and_counted(net: FakeNet, logged: list[dict[str, Any]]) -> None:
