@@ -62,18 +62,26 @@ def open_store(stores: list[SqliteStore], directory: Path) -> SqliteStore:
     return store
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    # The committed fixture is opened as immutable: a read-only connection
+    # to a WAL-mode file would still leave -wal and -shm files beside it.
+    immutable = "&immutable=1" if path == FIXTURE else ""
+    return sqlite3.connect(f"file:{path}?mode=ro{immutable}", uri=True)
+
+
 def query(path: Path, sql: str) -> list[Any]:
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    with closing(_read_only(path)) as db:
         return db.execute(sql).fetchall()
 
 
 def dump(path: Path) -> list[str]:
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    with closing(_read_only(path)) as db:
         return list(db.iterdump())
 
 
 def test_the_fixture_is_a_schema_1_data_dir() -> None:
     assert query(FIXTURE, "PRAGMA user_version") == [(1,)]
+    assert not list(FIXTURE.parent.glob(f"{DB_FILE}-*"))  # nothing left in a WAL, nothing written beside it
     assert "STRICT" not in str(query(FIXTURE, "SELECT sql FROM sqlite_master"))
     assert set(query(FIXTURE, "SELECT counter, replica, count FROM partials")) == ENTRIES
 
@@ -183,7 +191,9 @@ def test_no_upgrade_without_a_backup(data_dir: Path, opened: list[SqliteStore]) 
 
 
 def test_a_0_1_0_backup_restores_and_is_upgraded_when_opened(tmp_path: Path, opened: list[SqliteStore]) -> None:
-    assert admin(["restore", str(FIXTURE), str(tmp_path / "data")]) == 0
+    backup = tmp_path / "counterdb-0.1.0.sqlite3"  # a copy: reading a WAL-mode file leaves files beside it
+    shutil.copyfile(FIXTURE, backup)
+    assert admin(["restore", str(backup), str(tmp_path / "data")]) == 0
     loaded = open_store(opened, tmp_path / "data").load()
     assert loaded.replica_id not in (OWN, SHARED)  # a restore takes a new replica id
     assert ENTRIES <= set(loaded.entries)
