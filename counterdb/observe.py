@@ -11,10 +11,11 @@ Operating a node: health and readiness probes, Prometheus metrics, JSON logs.
   read from the live node and replication objects at scrape time by a
   custom collector (no cost on the request path); the histograms are fed by
   hooks the node and the API call.
+- ``GET /openapi.json`` is the API's OpenAPI document (:mod:`counterdb.openapi`).
 - :func:`json_logger` is a ``twistd --logger`` factory that writes one JSON
   object per line per log event.
 
-:func:`observed_root` puts the three endpoints in front of the site's
+:func:`observed_root` puts these endpoints in front of the site's
 resource, so they answer before the node is loaded too, and
 :func:`quiet_path` tells the access log which paths to leave out.
 """
@@ -42,6 +43,8 @@ from twisted.logger import ILogObserver, formatEvent
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
+
+from counterdb.openapi import document
 
 if TYPE_CHECKING:
     from counterdb.auth import Secrets
@@ -482,6 +485,11 @@ class _Probe(Resource):
         return self._answer(request)
 
 
+def _openapi(request: IRequest) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    return document()
+
+
 class _Guarded(Resource):
     """A resource that needs one of some secrets (``Authorization: Bearer``)."""
 
@@ -519,6 +527,9 @@ class ObservedRoot(Resource):
         self.probes: dict[bytes, Resource] = {
             b"health": _Probe(lambda request: _answer(request, 200, {"status": "ok"})),
             b"ready": _Probe(self._ready),
+            # Public like /health: it says what docs/api.md says, nothing secret,
+            # and a client may need it before it has a token.
+            b"openapi.json": _Probe(_openapi),
         }
         if metrics is not None:
             page: Resource = metrics.resource()  # type: ignore[assignment]
