@@ -15,6 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from nodes import HOSTS, NODE_ARGS, REPO_ROOT, NodeCluster, running_cluster
+from openapi_spec_validator import validate
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -52,6 +53,10 @@ def served_endpoints() -> set[tuple[str, str]]:
     return klein | {("GET", "/" + segment.decode()) for segment in root.probes}
 
 
+def test_the_document_is_valid_openapi_3_1() -> None:
+    validate(SPEC)  # raises, saying where, if not
+
+
 def test_the_docs_copy_is_the_packaged_document() -> None:
     assert (REPO_ROOT / DOCS_COPY).read_bytes() == document(), "run: python -m counterdb.openapi --write"
 
@@ -76,7 +81,7 @@ def test_the_documents_limits_are_the_codes() -> None:
     schemas = SPEC["components"]["schemas"]
     assert schemas["CounterName"]["maxLength"] == crdt.MAX_NAME_BYTES
     assert schemas["Count"]["maximum"] == crdt.MAX_COUNT
-    assert schemas["ReplicaId"]["pattern"] == "^[A-Za-z0-9_.-]{1,%d}$" % crdt.MAX_REPLICA_ID_CHARS
+    assert schemas["ReplicaId"]["pattern"] == f"^[A-Za-z0-9_.-]{{1,{crdt.MAX_REPLICA_ID_CHARS}}}$"
     assert schemas["Increments"]["properties"]["increments"]["maxProperties"] == api.MAX_BULK
     assert schemas["SyncPush"]["properties"]["counters"]["maxProperties"] == api.MAX_SYNC_COUNTERS
     sync_args = {p["name"]: p for p in SPEC["paths"]["/sync"]["get"]["parameters"]}
