@@ -25,12 +25,18 @@ def document() -> bytes:
     return resources.files("counterdb").joinpath("openapi.json").read_bytes()
 
 
+def write_copy(root: Path) -> Path:
+    """Copy the document to ``docs/openapi.json`` under the checkout ``root``."""
+    target = root / DOCS_COPY
+    target.write_bytes(document())
+    return target
+
+
 def main(argv: list[str]) -> int:
     if argv != ["--write"]:
         sys.stderr.write("usage: python -m counterdb.openapi --write  (copies the document to docs/openapi.json)\n")
         return 2
-    root = Path(__file__).resolve().parent.parent
-    (root / DOCS_COPY).write_bytes(document())
+    write_copy(Path(__file__).resolve().parent.parent)
     return 0
 
 

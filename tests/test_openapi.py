@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ from counterdb import api, crdt, wire
 from counterdb.api import CounterAPI
 from counterdb.auth import Secrets
 from counterdb.observe import Metrics, Readiness, observed_root
-from counterdb.openapi import DOCS_COPY, document
+from counterdb.openapi import DOCS_COPY, document, write_copy
 
 SPEC: dict[str, Any] = json.loads(document())
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -59,6 +60,12 @@ def test_the_document_is_valid_openapi_3_1() -> None:
 
 def test_the_docs_copy_is_the_packaged_document() -> None:
     assert (REPO_ROOT / DOCS_COPY).read_bytes() == document(), "run: python -m counterdb.openapi --write"
+
+
+def test_write_copy_refreshes_the_docs_copy(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / DOCS_COPY).write_text("stale")
+    assert write_copy(tmp_path).read_bytes() == document()
 
 
 def test_the_document_describes_exactly_the_routes_the_node_serves() -> None:
