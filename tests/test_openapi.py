@@ -26,6 +26,7 @@ from schemathesis.checks import (
 from schemathesis.config import SchemathesisConfig
 from treq.testing import StubTreq
 
+import counterdb
 from counterdb import api, crdt, wire
 from counterdb.api import CounterAPI
 from counterdb.auth import Secrets
@@ -83,6 +84,27 @@ def test_api_md_has_a_section_for_exactly_the_documents_endpoints() -> None:
     assert documented == spec_endpoints()
 
 
+def test_node_to_node_endpoints_and_only_they_state_the_protocol_header() -> None:
+    """Every route behind the cluster secret reads and answers
+    ``Counterdb-Protocol``; the document says so for exactly those."""
+    protocol_ref = {"$ref": "#/components/parameters/CounterdbProtocol"}
+    for rule in CounterAPI.app.url_map.iter_rules():
+        private = CounterAPI.app.endpoints[rule.endpoint].access == "private"
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            operation = SPEC["paths"][path][method.lower()]
+            assert (protocol_ref in operation.get("parameters", [])) == private, (method, path)
+            answer = operation["responses"]["200"]
+            assert ("Counterdb-Protocol" in answer.get("headers", {})) == private, (method, path)
+    header = SPEC["components"]["parameters"]["CounterdbProtocol"]
+    assert header["name"] == wire.PROTOCOL_HEADER
+    assert f"versions {wire.MIN_PROTOCOL_VERSION} to {wire.PROTOCOL_VERSION}" in header["description"]
+
+
+def test_the_documents_version_is_the_release() -> None:
+    assert SPEC["info"]["version"] == counterdb.__version__
+
+
 def test_the_documents_limits_are_the_codes() -> None:
     """The limits the document states are the ones the code enforces."""
     schemas = SPEC["components"]["schemas"]
@@ -91,7 +113,7 @@ def test_the_documents_limits_are_the_codes() -> None:
     assert schemas["ReplicaId"]["pattern"] == f"^[A-Za-z0-9_.-]{{1,{crdt.MAX_REPLICA_ID_CHARS}}}$"
     assert schemas["Increments"]["properties"]["increments"]["maxProperties"] == api.MAX_BULK
     assert schemas["SyncPush"]["properties"]["counters"]["maxProperties"] == api.MAX_SYNC_COUNTERS
-    sync_args = {p["name"]: p for p in SPEC["paths"]["/sync"]["get"]["parameters"]}
+    sync_args = {p["name"]: p for p in SPEC["paths"]["/sync"]["get"]["parameters"] if "name" in p}
     assert sync_args["limit"]["schema"]["maximum"] == api.MAX_SYNC_LIMIT
     timeout = SPEC["paths"]["/counter/{name}/consistent_value"]["get"]["parameters"][1]
     assert timeout["name"] == "timeout" and timeout["schema"]["maximum"] == api.MAX_READ_TIMEOUT
