@@ -34,6 +34,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from counterdb.api import Access, CounterAPI
 from counterdb.consistent import ConsistentReads
+from counterdb.http_limits import GuardedSite
 from counterdb.membership import Identity, Members
 from counterdb.node import Node
 from counterdb.replication import Replication, SyncSettings
@@ -101,9 +102,13 @@ class FakeNet:
         self.clock = Clock()
         self.router = Router(self.clock)
         self.http = StubTreq(self.router)
-        # Serve as the daemon's CounterDBSite does: bodies are never parsed
-        # as forms (treq's in-memory Site has no public switch for it).
-        self.http._agent._serverFactory._parsePOSTFormSubmission = False
+        # Serve through the daemon's HTTP layer (header and body limits and
+        # their JSON refusals; bodies never parsed as forms), so that what a
+        # node refuses in production it refuses here too. treq's in-memory
+        # agent has no public switch for its Site.
+        site = GuardedSite(self.router, reactor=self.clock, parsePOSTFormSubmission=False)
+        site.displayTracebacks = False
+        self.http._agent._serverFactory = site
         self.settings = settings
         self.access = access or Access()  # every node's, unless add() is given another
         self.nodes: dict[str, SimNode] = {}
