@@ -7,10 +7,13 @@ The twistd command line: ``twistd counterdb --port 8080 ...``.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from counterdb.actors import ConfigError, parse_actor, parse_actors
@@ -22,6 +25,18 @@ from counterdb.store import DURABILITY, StoreSettings
 from counterdb.tls import TLSConfig, TLSFileError, load_tls
 
 _DEFAULTS = SyncSettings()
+log = Logger()
+
+#: Every option FOO-BAR may also come from the variable COUNTERDB_FOO_BAR.
+ENV_PREFIX = "COUNTERDB_"
+#: COUNTERDB_* variables that are not node options: the CLI's node address.
+OTHER_VARIABLES = frozenset({"COUNTERDB_URL"})
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def env_variable(option: str) -> str:
+    """The environment variable of a long option: ``data-dir`` -> ``COUNTERDB_DATA_DIR``."""
+    return ENV_PREFIX + option.upper().replace("-", "_")
 
 
 def _seconds_or_zero(text: str) -> float:
@@ -60,7 +75,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Run one counterdb node. Every node of a cluster gets the same actors "
-        "list (--actors or POST /config) and finds its own entry in it."
+        "list (--actors or POST /config) and finds its own entry in it. Every option --foo-bar may "
+        "instead come from the environment variable COUNTERDB_FOO_BAR (flags: 1/true/yes or 0/false/no); "
+        "the command line wins."
     )
     optParameters = [
         [
@@ -138,7 +155,66 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+        self._given: set[str] = set()  # options the command line set: they beat the environment
+        self._from_env: dict[str, str] = {}  # option -> the variable it came from
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._recording(name, handler)
+
+    def _recording(self, name: str, handler: Any) -> Callable[[str, Any], None]:
+        # parseOptions calls CoerceParameter.dispatch, anything else directly.
+        target = handler.dispatch if isinstance(handler, usage.CoerceParameter) else handler
+
+        def dispatch(option: str, value: Any) -> None:
+            self._given.add(name)
+            target(option, value)
+
+        return dispatch
+
     def postOptions(self) -> None:
+        self._apply_environment()
+        try:
+            self._check()
+        except usage.UsageError as e:
+            raise usage.UsageError(self._name_variables(str(e))) from None
+
+    def _apply_environment(self) -> None:
+        """Fill each option the command line left unset from its
+        COUNTERDB_* variable (an empty value counts as unset)."""
+        flags = {flag[0] for flag in self.optFlags}
+        known = {env_variable(name) for name in self._dispatch} | OTHER_VARIABLES
+        for variable in sorted(v for v in self._environ if v.startswith(ENV_PREFIX) and v not in known):
+            log.warn("ignoring ${variable}: no such option (see twistd counterdb --help)", variable=variable)
+        for name, handler in self._dispatch.items():
+            variable, value = env_variable(name), self._environ.get(env_variable(name), "")
+            if name in self._given or name in ("help", "version") or not value:
+                continue
+            self._from_env[name] = variable
+            if name in flags:
+                self[name] = self._flag(variable, value)
+                continue
+            try:
+                handler(name, value)
+            except usage.UsageError as e:
+                raise usage.UsageError(f"${variable}={value!r}: {e}") from None
+
+    @staticmethod
+    def _flag(variable: str, value: str) -> int:
+        if value.strip().lower() in _TRUE:
+            return 1
+        if value.strip().lower() in _FALSE:
+            return 0
+        raise usage.UsageError(f"${variable}={value!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+
+    def _name_variables(self, message: str) -> str:
+        """A usage error about an option that came from the environment
+        says so: the user looks for it in an env file, not a command line."""
+        named = [f"--{name} is ${variable}" for name, variable in self._from_env.items() if f"--{name}" in message]
+        return f"{message} ({'; '.join(named)})" if named else message
+
+    def _check(self) -> None:
         self["endpoint"] = self._endpoint_description()
         try:
             serverFromString(global_reactor, self["endpoint"])

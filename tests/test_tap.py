@@ -18,7 +18,7 @@ from twisted.python.usage import UsageError
 from counterdb.api import Access
 from counterdb.auth import Secrets
 from counterdb.service import CounterDBService, _warn_if_open
-from counterdb.tap import Options, makeService
+from counterdb.tap import Options, env_variable, makeService
 
 
 def parse(*args: str) -> Options:
@@ -240,3 +240,103 @@ def test_a_node_open_to_the_network_without_a_secret_warns_loudly(host: str, sec
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert any("without --cluster-secret-file" in formatEvent(e) for e in events) == warned
+
+
+# -- configuration by COUNTERDB_* environment variables ----------------------------------
+
+
+def parse_env(environ: dict[str, str], *args: str) -> Options:
+    options = Options(environ)
+    options.parseOptions(list(args))
+    return options
+
+
+def test_every_option_can_come_from_its_environment_variable(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32 + "\n")
+    secret.chmod(0o600)
+    options = parse_env(
+        {
+            "COUNTERDB_PORT": "9001",
+            "COUNTERDB_INTERFACE": "127.0.0.9",
+            "COUNTERDB_DATA_DIR": str(tmp_path / "data"),
+            "COUNTERDB_ACTORS": "node1:9001, node2:9001",
+            "COUNTERDB_ADVERTISE": "node1:9001",
+            "COUNTERDB_POLL_INTERVAL": "0.5",
+            "COUNTERDB_PUSH_RETRIES": "3",
+            "COUNTERDB_CLUSTER_SECRET_FILE": str(secret),
+            "COUNTERDB_ACCESS_LOG": "yes",
+            "COUNTERDB_MAX_COUNTERS": "10",
+        }
+    )
+    assert options["endpoint"] == "tcp:9001:interface=127.0.0.9"
+    assert options["data-dir"] == str(tmp_path / "data")
+    assert options["actors"] == ["node1:9001", "node2:9001"]
+    assert options["advertise"].entry == "node1:9001"
+    assert (options["poll-interval"], options["push-retries"], options["max-counters"]) == (0.5, 3, 10)
+    assert options["access"].cluster.header == "Bearer " + "s" * 32
+    assert options["access-log"] == 1
+
+
+def test_the_command_line_beats_the_environment_which_beats_the_default() -> None:
+    environ = {"COUNTERDB_PORT": "9001", "COUNTERDB_POLL_INTERVAL": "0.5"}
+    options = parse_env(environ, "-p", "9002")
+    assert options["endpoint"] == "tcp:9002"  # command line (short form too)
+    assert options["poll-interval"] == 0.5  # environment
+    assert options["backoff-max"] == 5.0  # default
+    # A command-line value equal to the default still wins over the environment.
+    assert parse_env(environ, "--port", "8080")["endpoint"] == "tcp:8080"
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("1", 1), ("true", 1), ("YES", 1), ("0", 0), ("false", 0), ("no", 0), ("", 0)]
+)
+def test_flags_from_the_environment(value: str, expected: int) -> None:
+    assert parse_env({"COUNTERDB_ACCESS_LOG": value})["access-log"] == expected
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    # An env file template may carry COUNTERDB_JOIN= with nothing after it.
+    options = parse_env({"COUNTERDB_JOIN": "", "COUNTERDB_PORT": ""})
+    assert options["join"] is None and options["endpoint"] == "tcp:8080"
+
+
+@pytest.mark.parametrize(
+    "environ, fragment",
+    [
+        ({"COUNTERDB_ACCESS_LOG": "maybe"}, "$COUNTERDB_ACCESS_LOG='maybe': expected one of 1, true, yes, 0"),
+        ({"COUNTERDB_POLL_INTERVAL": "soon"}, "$COUNTERDB_POLL_INTERVAL='soon': .*expected a number of seconds"),
+        ({"COUNTERDB_MAX_COUNTERS": "0"}, "$COUNTERDB_MAX_COUNTERS='0': .*above 0"),
+        # Checked after parsing: the message names the option and the variable.
+        ({"COUNTERDB_PORT": "70000"}, "--port 70000 is not a port number .*--port is $COUNTERDB_PORT"),
+        ({"COUNTERDB_ACTORS": "a,a"}, "duplicate"),
+        ({"COUNTERDB_DURABILITY": "sometimes"}, "--durability must be one of.*$COUNTERDB_DURABILITY"),
+        ({"COUNTERDB_CLUSTER_SECRET_FILE": "/no/such/file"}, "cannot read"),
+    ],
+)
+def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(environ: dict[str, str], fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment.replace("$", r"\$")):
+        parse_env(environ)
+
+
+def test_a_bad_variable_overridden_on_the_command_line_does_no_harm() -> None:
+    assert parse_env({"COUNTERDB_PORT": "nonsense"}, "--port", "9000")["endpoint"] == "tcp:9000"
+
+
+def test_an_unknown_counterdb_variable_is_logged_not_silently_ignored() -> None:
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        parse_env({"COUNTERDB_ACTOR": "a", "COUNTERDB_URL": "http://x:8080"})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    messages = [formatEvent(e) for e in events]
+    assert any("ignoring $COUNTERDB_ACTOR: no such option" in m for m in messages), messages
+    assert not any("COUNTERDB_URL" in m for m in messages)  # the CLI's variable
+
+
+def test_every_option_has_a_row_in_the_environment_table_of_the_docs() -> None:
+    table = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    names = [p[0] for p in Options.optParameters] + [f[0] for f in Options.optFlags]
+    missing = [n for n in names if f"`--{n}` | `{env_variable(n)}` |" not in table]
+    assert not missing, f"docs/operations.md has no environment table row for {missing}"
