@@ -9,7 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN useradd --system --create-home --home-dir /home/counterdb counterdb \
+# A fixed uid and gid, 10001: a secret file prepared outside the image
+# (deploy/compose.yaml) and Kubernetes' runAsNonRoot check name it.
+RUN groupadd --system --gid 10001 counterdb \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/counterdb counterdb \
     && mkdir /data \
     && chown counterdb:counterdb /data
 
@@ -30,7 +33,8 @@ RUN pip install --no-cache-dir -c /tmp/constraints.txt . \
     && twistd counterdb --help > /dev/null \
     && rm -rf /src /tmp/constraints.txt
 
-USER counterdb
+# Numeric, so that Kubernetes can check runAsNonRoot against it.
+USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8080
