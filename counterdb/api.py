@@ -377,7 +377,7 @@ class CounterAPI:
         if needed.accepts(authorization) or (also is not None and also.accepts(authorization)):
             return
         method, path = request.method.decode("latin-1"), request.path.decode("latin-1")[:200]
-        self._refusals.event("unauthorized", f"{method} {path} without a valid {what}", _client_of(request))
+        self._refusals.event("unauthorized", f"{method} {path} without {what} or with a wrong one", _client_of(request))
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="counterdb"')
         raise ClientError(401, f"this endpoint needs {what}: send Authorization: Bearer <secret>")
 

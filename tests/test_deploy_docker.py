@@ -18,7 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 from nodes import REPO_ROOT, START_TIMEOUT, STOP_TIMEOUT, checkout_env, twistd_command, wait_until
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
