@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from counterdb.migrations import OLDEST_SCHEMA
+from counterdb.migrations import OLDEST_SCHEMA, fsync_path
 from counterdb.store import DB_FILE, SCHEMA_VERSION, StoreError, new_replica_id
 
 DESCRIPTION = "Offline chores on a counterdb data dir: back up a running node, restore a backup."
@@ -154,11 +154,11 @@ def _restore_into(source: sqlite3.Connection, target_path: Path) -> str:
         os.close(fd)
         temp = Path(name)
         replica_id = _copy_under_new_identity(source, temp)
-        _fsync(temp)
+        fsync_path(temp)
         if target_path.exists():
             raise StoreError(f"{target_path}: a database appeared while restoring; left it alone")
         temp.rename(target_path)
-        _fsync(target_path.parent)
+        fsync_path(target_path.parent)
         return replica_id
     except OSError as e:
         raise StoreError(f"{target_path.parent}: cannot write the restored database: {e.strerror or e}") from None
@@ -179,15 +179,6 @@ def _copy_under_new_identity(source: sqlite3.Connection, temp: Path) -> str:
     if problems != ["ok"]:
         raise sqlite3.DatabaseError(f"the copy is corrupt: {'; '.join(problems[:3])}")
     return replica_id
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_only_uri(path: Path) -> str:

@@ -143,9 +143,9 @@ def _back_up(db: sqlite3.Connection, db_path: Path, version: int) -> Path:
         with closing(sqlite3.connect(temp, isolation_level=None)) as target:
             db.backup(target)
             target.execute("PRAGMA journal_mode=DELETE").fetchall()
-        _fsync(temp)
+        fsync_path(temp)
         os.replace(temp, backup)
-        _fsync(backup.parent)
+        fsync_path(backup.parent)
     except (OSError, sqlite3.Error) as e:
         temp.unlink(missing_ok=True)
         raise MigrationError(
@@ -155,7 +155,8 @@ def _back_up(db: sqlite3.Connection, db_path: Path, version: int) -> Path:
     return backup
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
