@@ -397,6 +397,8 @@ class SqliteStore:
     # -- on the writer thread --------------------------------------------------------
 
     def _commit(self, rows: list[tuple[str, str, int]], keys: Sequence[IdempotencyRecord]) -> None:
+        if not keys and self._commit_in_one_statement(rows):
+            return
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -409,6 +411,22 @@ class SqliteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    def _commit_in_one_statement(self, rows: list[tuple[str, str, int]]) -> bool:
+        """Upsert ``rows`` as one statement outside BEGIN/COMMIT, which
+        SQLite makes its own transaction (all rows or none), durable before
+        ``execute`` returns. The writer thread then takes the GIL back from
+        the busy reactor once, not three times (BEGIN, upsert, COMMIT) or
+        once per row: 9 % more single increments/s at 32 connections
+        (docs/design.md). False, having done nothing, for rows the JSON
+        statement cannot carry."""
+        if len(rows) == 1:
+            self._db.execute(_UPSERT_PARTIAL, rows[0])
+            return True
+        if len(rows) > _JSON_CHUNK_ROWS or any("\x00" in row[0] for row in rows):
+            return False
+        self._db.execute(_UPSERT_PARTIALS_JSON, (json.dumps(rows, ensure_ascii=False),))
+        return True
 
     def _commit_peers(self, rows: list[tuple[str, str, int]]) -> None:
         """Commit peer rows; a row the database refuses for what it is (not

@@ -47,6 +47,32 @@ async def test_round_trip_of_everything_persisted(tmp_path: Path, opened: list[S
 
 
 @pytest_twisted.ensureDeferred
+async def test_own_rows_without_keys_round_trip_alone_and_many_at_once(
+    tmp_path: Path, opened: list[SqliteStore]
+) -> None:
+    store = open_store(opened, tmp_path)
+    await store.write_own({"a": 1})
+    many = {f"n{i}": i + 1 for i in range(300)} | {'quote"\\': 5, "é☃": 6, "nul\x00name": 7}
+    await store.write_own(many)
+    await store.write_own({"a": 9, "n0": 4})
+    store.close()
+    loaded = {name: count for name, _, count in open_store(opened, tmp_path).load().entries}
+    assert loaded == many | {"a": 9, "n0": 4}
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_rows_commit_all_or_none(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    """A batch the database refuses in part (here a count STRICT tables
+    refuse) stores none of its rows."""
+    store = open_store(opened, tmp_path)
+    for bad in ({"good": 1, "bad": "x"}, {"bad": "x"}):
+        with pytest.raises(sqlite3.Error):
+            await store.write_own(bad)  # type: ignore[dict-item]
+    store.close()
+    assert list(open_store(opened, tmp_path).load().entries) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_stored_counts_never_go_backwards(tmp_path: Path, opened: list[SqliteStore]) -> None:
     store = open_store(opened, tmp_path)
     store.write_peers({"a": {"peer": 7}})
