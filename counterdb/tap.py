@@ -66,7 +66,7 @@ def _positive(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"expected a whole number, 0 or more, got {text!r}")
     return int(text)
 
@@ -265,13 +265,18 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
     def _endpoint_description(self) -> str:
-        port = self["port"]
-        if port.isdigit():
+        port = self["port"].strip()  # an env file's trailing blank is not part of the value
+        if port.isascii() and port.isdigit():  # not fullwidth or other Unicode digits, which int() also reads
             if not 0 <= int(port) <= 65535:
                 raise usage.UsageError(f"--port {port} is not a port number (0 to 65535)")
             interface = self["interface"]
             # Colons in an IPv6 interface must be escaped in endpoint strings.
             return f"tcp:{port}" + (f":interface={interface.replace(':', chr(92) + ':')}" if interface else "")
+        if ":" not in port:
+            raise usage.UsageError(
+                f"--port {port!r} is neither a port number (0 to 65535) nor an endpoint description"
+                " such as tcp:8080:interface=127.0.0.1"
+            )
         if self["interface"]:
             raise usage.UsageError(
                 "--interface goes with a plain --port number; put interface= in the endpoint instead"

@@ -43,6 +43,7 @@ def test_defaults() -> None:
         (["--port", "9000", "--interface", "127.0.0.2"], "tcp:9000:interface=127.0.0.2"),
         (["--port", "9000", "--interface", "::1"], "tcp:9000:interface=\\:\\:1"),
         (["--port", "tcp:8080:interface=10.0.0.5"], "tcp:8080:interface=10.0.0.5"),
+        (["--port", " 9000 ", "--interface", "127.0.0.2"], "tcp:9000:interface=127.0.0.2"),  # an env file's blanks
     ],
 )
 def test_port_forms(args: list[str], endpoint: str) -> None:
@@ -60,6 +61,10 @@ def test_systemd_endpoint_without_a_passed_socket_is_a_usage_error() -> None:
     [
         (["--port", "nonsense:1"], "not a usable endpoint"),
         (["--port", "70000"], "not a port number"),
+        (["--port", "-1"], "neither a port number .0 to 65535. nor an endpoint description"),
+        (["--port", "８０８０"], "neither a port number"),  # int() reads it as 8080
+        (["--port", "-1", "--interface", "127.0.0.2"], "neither a port number"),
+        (["--push-retries", "٣"], "0 or more, got '٣'"),
         (["--port", "tcp:80", "--interface", "127.0.0.1"], "--interface goes with a plain --port"),
         (["--poll-interval", "0"], "greater than 0, got '0'"),
         (["--poll-interval", "soon"], "expected a number of seconds"),
