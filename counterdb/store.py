@@ -402,7 +402,7 @@ class SqliteStore:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(_UPSERT_PARTIAL, rows)
+            self._upsert(rows)
             if keys:
                 db.executemany(_INSERT_KEY, [attrs.astuple(k) for k in keys])
                 self._prune_keys(keys[-1].created)
@@ -433,31 +433,24 @@ class SqliteStore:
         for a full or failing disk) is logged and dropped, never retried
         forever, and the other rows are still written."""
         try:
-            self._commit_in_chunks(rows)
+            self._commit(rows, ())
         except sqlite3.OperationalError:
             raise  # the disk, not the data: the caller keeps them for later
         except Exception:
             self._commit_rows_one_by_one(rows)
 
-    def _commit_in_chunks(self, rows: list[tuple[str, str, int]]) -> None:
-        """Upsert ``rows`` in one transaction, a JSON statement per chunk.
-        SQLite's JSON reads a NUL character as the end of the string, so a
-        counter name holding one goes through ``executemany`` (names are
-        checked UTF-8 otherwise; replica ids are plain ASCII)."""
+    def _upsert(self, rows: list[tuple[str, str, int]]) -> None:
+        """Upsert ``rows`` inside the caller's transaction, a JSON statement
+        per chunk. SQLite's JSON reads a NUL character as the end of the
+        string, so a counter name holding one goes through ``executemany``
+        (names are checked UTF-8 otherwise; replica ids are plain ASCII)."""
         db = self._db
         plain = [row for row in rows if "\x00" not in row[0]]
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for start in range(0, len(plain), _JSON_CHUNK_ROWS):
-                chunk = json.dumps(plain[start : start + _JSON_CHUNK_ROWS], ensure_ascii=False)
-                db.execute(_UPSERT_PARTIALS_JSON, (chunk,))
-            if len(plain) != len(rows):
-                db.executemany(_UPSERT_PARTIAL, [row for row in rows if "\x00" in row[0]])
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        for start in range(0, len(plain), _JSON_CHUNK_ROWS):
+            chunk = json.dumps(plain[start : start + _JSON_CHUNK_ROWS], ensure_ascii=False)
+            db.execute(_UPSERT_PARTIALS_JSON, (chunk,))
+        if len(plain) != len(rows):
+            db.executemany(_UPSERT_PARTIAL, [row for row in rows if "\x00" in row[0]])
 
     def _commit_rows_one_by_one(self, rows: list[tuple[str, str, int]]) -> None:
         for row in rows:
