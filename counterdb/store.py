@@ -14,19 +14,19 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from counterdb import __version__, migrations
 from counterdb.crdt import Partials
+from counterdb.writer import WriterProcess
+from counterdb.writes import Writes
 
 log = Logger()
 
@@ -180,27 +180,6 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_by_age ON idempotency (created);
 """
 
-# Counts only grow: a late or repeated write never lowers what is stored.
-_UPSERT_PARTIAL = (
-    "INSERT INTO partials (counter, replica, count) VALUES (?, ?, ?) "
-    "ON CONFLICT (counter, replica) DO UPDATE SET count = MAX(count, excluded.count)"
-)
-#: The same for many rows in one statement: ``?`` is a JSON array of
-#: ``[counter, replica, count]``. One statement is one ``sqlite3_step``, so
-#: the writer thread takes the GIL back once per chunk instead of once per
-#: row: with ``executemany`` a thread that gives the GIL up for every row
-#: waits for the busy reactor thread each time, and 100,000 peer rows took
-#: 60 s behind a busy reactor instead of 0.2 s (0.3 s this way).
-_UPSERT_PARTIALS_JSON = (
-    "INSERT INTO partials (counter, replica, count) "
-    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') "
-    "FROM json_each(?) WHERE true "
-    "ON CONFLICT (counter, replica) DO UPDATE SET count = MAX(count, excluded.count)"
-)
-#: Rows per JSON statement: encoding a chunk holds the GIL (about 5 ms).
-_JSON_CHUNK_ROWS = 10_000
-_INSERT_KEY = "INSERT OR IGNORE INTO idempotency (key, counter, amount, value, created) VALUES (?, ?, ?, ?, ?)"
-
 #: --durability modes: SQLite's ``synchronous`` setting for each.
 DURABILITY = {
     # fsync the write-ahead log before every acknowledged commit
@@ -227,9 +206,12 @@ class StoreSettings:
 class SqliteStore:
     """The embedded store: one SQLite file in WAL mode in the data dir.
 
-    All writes run, one after another, on a single dedicated thread, so the
-    reactor never waits for the disk and SQLite never sees two writers. The
-    node's group commit hands over one batch at a time.
+    All writes run, one after another, in the store's writer process
+    (:mod:`counterdb.writer`), so the reactor never waits for the disk, a
+    commit never waits for the reactor's GIL, and SQLite never sees two
+    writers. The node's group commit hands over one batch at a time. This
+    process's own connection reads the file at start-up and writes only
+    when the store closes without a reactor (:meth:`close`).
     """
 
     def __init__(self, data_dir: str, reactor: Any, settings: StoreSettings = StoreSettings()) -> None:
@@ -238,19 +220,26 @@ class SqliteStore:
         self.path = Path(data_dir)
         self.reactor = reactor
         self.settings = settings
+        synchronous = DURABILITY[settings.durability]
+        key_limits = (settings.idempotency_window, settings.idempotency_max_keys)
         self._lock = _lock_data_dir(self.path)
+        self._db: sqlite3.Connection | None = None
+        self._writer: WriterProcess | None = None
         try:
-            self._db = _open_database(self.path / DB_FILE, DURABILITY[settings.durability])
+            # Forked first: an SQLite connection must not cross a fork.
+            self._writer = WriterProcess(
+                reactor, self.path / DB_FILE, synchronous, *key_limits, before_fork=self._close_reader
+            )
+            self._db = _open_database(self.path / DB_FILE, synchronous)
+            self.replica_id = self._claim_identity(settings.durability)
         except BaseException:
-            self._lock.close()
+            if self._writer is not None:
+                self._writer.stop_now()
+            self._release()
             raise
-        self.replica_id = self._claim_identity(settings.durability)
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="counterdb-store")
-        self._pool.start()
         self._peer_backlog: dict[tuple[str, str], int] = {}
         self._flush_call: Any = None
         self._checkpoints: LoopingCall | None = None
-        self._last_prune = 0.0
         self._shared_ids: frozenset[str] = frozenset()
         self._closed = False
         if settings.durability == "fast":
@@ -266,10 +255,15 @@ class SqliteStore:
         be gone from disk while peers still hold them, and increments on top
         of the shorter partial would be hidden by the max-merge until they
         caught up. A fresh id (like a replaced machine) avoids that."""
-        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        meta = dict(self._reader().execute("SELECT key, value FROM meta"))
         replica_id = meta["replica_id"]
+        # The clean-stop record must be on disk before the first increment,
+        # whatever the durability mode, or a power loss right after a clean
+        # start would look like a clean stop. Which release writes the store
+        # from now on goes with it (for operators rolling back).
+        record = {"clean_shutdown": "0", "written_by": __version__}
         if durability == "fast" and meta.get("clean_shutdown") == "0":
-            replica_id = new_replica_id()
+            replica_id = record["replica_id"] = new_replica_id()
             log.warn(
                 "{db}: the last run did not shut down cleanly and fast durability may have lost its "
                 "last commits; continuing as new replica {new} (was {old})",
@@ -277,16 +271,11 @@ class SqliteStore:
                 new=replica_id,
                 old=meta["replica_id"],
             )
-            self._set_meta("replica_id", replica_id)
-        # This record must be on disk before the first increment, whatever
-        # the durability mode, or a power loss right after a clean start
-        # would look like a clean stop. Which release writes the store from
-        # now on goes with it (for operators rolling back).
-        self._set_meta_durably({"clean_shutdown": "0", "written_by": __version__})
+        self._writes_here().set_meta_durably(record)
         return replica_id
 
     def load(self) -> LoadedState:
-        db = self._db
+        db = self._reader()
         meta = dict(db.execute("SELECT key, value FROM meta"))
         actors = json.loads(meta["actors"]) if "actors" in meta else None
         self._shared_ids = frozenset(json.loads(meta.get("shared_ids", "[]")))
@@ -311,7 +300,7 @@ class SqliteStore:
         # Own rows commit alone: no peer row, whatever a peer sent, can
         # make this node's own increments fail.
         own = [(name, self.replica_id, count) for name, count in partials.items()]
-        return self._in_thread(self._commit, own, keys)
+        return self._in_writer("commit", own, [attrs.astuple(key) for key in keys])
 
     def write_peers(self, counters: dict[str, Partials]) -> None:
         backlog = self._peer_backlog
@@ -324,7 +313,7 @@ class SqliteStore:
 
     def write_config(self, actors: list[str], version: tuple[int, str] = (0, "")) -> Deferred[None]:
         values = {"actors": json.dumps(actors), "config_version": json.dumps(list(version))}
-        return self._in_thread(self._set_meta_durably, values)
+        return self._in_writer("set_meta_durably", values)
 
     def size_bytes(self) -> int | None:
         total = 0
@@ -338,7 +327,7 @@ class SqliteStore:
     def renew_identity(self) -> Deferred[str]:
         replica_id = new_replica_id()
         shared = sorted(self._shared_ids | {self.replica_id})
-        d = self._in_thread(self._set_meta_durably, {"replica_id": replica_id, "shared_ids": json.dumps(shared)})
+        d = self._in_writer("set_meta_durably", {"replica_id": replica_id, "shared_ids": json.dumps(shared)})
         d.addCallback(lambda _: setattr(self, "replica_id", replica_id))
         d.addCallback(lambda _: setattr(self, "_shared_ids", frozenset(shared)))
         d.addCallback(lambda _: replica_id)
@@ -352,32 +341,41 @@ class SqliteStore:
         peers = self._take_peer_backlog()
         if not peers:
             return succeed(None)
-        d = self._in_thread(self._commit_peers, peers)
+        d = self._in_writer("commit_peers", peers)
         d.addErrback(self._restore_peer_backlog, peers)
         return d
 
     def shutdown(self) -> Deferred[None]:
-        """Write pending peer partials, mark the stop clean and checkpoint on
-        the writer thread; then stop it and release the data dir."""
+        """Write pending peer partials, mark the stop clean and checkpoint in
+        the writer process; then stop it and release the data dir."""
         if self._closed:
             return succeed(None)
-        peers = self._begin_close()
-        d = deferToThreadPool(self.reactor, self._pool, self._last_writes, peers)
+        writer = self._writer
+        assert writer is not None
+        d = writer.call("last_writes", self._begin_close())
         d.addErrback(lambda f: log.failure("could not finish the store's last writes", f))
+        d.addCallback(lambda _: writer.stop())
         d.addBoth(lambda _: self._release())
         return d
 
     def close(self) -> None:
-        """Write what is pending, stop the writer thread, release the lock."""
+        """Stop the writer process (what it had not acknowledged is not
+        waited for: nobody was told it was written), then write what is
+        pending from here and release the lock."""
         if self._closed:
             return
         peers = self._begin_close()
-        self._pool.stop()  # runs what was queued, then joins the thread
+        assert self._writer is not None
+        self._writer.stop_now()
+        writes = None
         try:
-            self._last_writes(peers)
+            writes = self._writes_here()
+            writes.last_writes(peers)
         except Exception:
             log.failure("could not finish the store's last writes")
         finally:
+            for warning in writes.warnings if writes is not None else ():
+                log.warn("store: {warning}", warning=warning)
             self._release()
 
     def _begin_close(self) -> list[tuple[str, str, int]]:
@@ -389,130 +387,41 @@ class SqliteStore:
         return self._take_peer_backlog()
 
     def _release(self) -> None:
-        if not self._pool.joined:
-            self._pool.stop()  # idle by now: returns at once
-        self._db.close()
+        self._close_reader()
         self._lock.close()
 
-    # -- on the writer thread --------------------------------------------------------
+    # -- this process's own connection ----------------------------------------------------
 
-    def _commit(self, rows: list[tuple[str, str, int]], keys: Sequence[IdempotencyRecord]) -> None:
-        if not keys and self._commit_in_one_statement(rows):
-            return
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            self._upsert(rows)
-            if keys:
-                db.executemany(_INSERT_KEY, [attrs.astuple(k) for k in keys])
-                self._prune_keys(keys[-1].created)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-    def _commit_in_one_statement(self, rows: list[tuple[str, str, int]]) -> bool:
-        """Upsert ``rows`` as one statement outside BEGIN/COMMIT, which
-        SQLite makes its own transaction (all rows or none), durable before
-        ``execute`` returns. The writer thread then takes the GIL back from
-        the busy reactor once, not three times (BEGIN, upsert, COMMIT) or
-        once per row: 9 % more single increments/s at 32 connections
-        (docs/design.md). False, having done nothing, for rows the JSON
-        statement cannot carry."""
-        if len(rows) == 1:
-            self._db.execute(_UPSERT_PARTIAL, rows[0])
-            return True
-        if len(rows) > _JSON_CHUNK_ROWS or any("\x00" in row[0] for row in rows):
-            return False
-        self._db.execute(_UPSERT_PARTIALS_JSON, (json.dumps(rows, ensure_ascii=False),))
-        return True
-
-    def _commit_peers(self, rows: list[tuple[str, str, int]]) -> None:
-        """Commit peer rows; a row the database refuses for what it is (not
-        for a full or failing disk) is logged and dropped, never retried
-        forever, and the other rows are still written."""
-        try:
-            self._commit(rows, ())
-        except sqlite3.OperationalError:
-            raise  # the disk, not the data: the caller keeps them for later
-        except Exception:
-            self._commit_rows_one_by_one(rows)
-
-    def _upsert(self, rows: list[tuple[str, str, int]]) -> None:
-        """Upsert ``rows`` inside the caller's transaction, a JSON statement
-        per chunk. SQLite's JSON reads a NUL character as the end of the
-        string, so a counter name holding one goes through ``executemany``
-        (names are checked UTF-8 otherwise; replica ids are plain ASCII)."""
-        db = self._db
-        plain = [row for row in rows if "\x00" not in row[0]]
-        for start in range(0, len(plain), _JSON_CHUNK_ROWS):
-            chunk = json.dumps(plain[start : start + _JSON_CHUNK_ROWS], ensure_ascii=False)
-            db.execute(_UPSERT_PARTIALS_JSON, (chunk,))
-        if len(plain) != len(rows):
-            db.executemany(_UPSERT_PARTIAL, [row for row in rows if "\x00" in row[0]])
-
-    def _commit_rows_one_by_one(self, rows: list[tuple[str, str, int]]) -> None:
-        for row in rows:
-            try:
-                self._commit([row], ())
-            except sqlite3.OperationalError:
-                raise
-            except Exception as e:
-                log.error("dropped a peer partial the store cannot hold ({row!r}): {error}", row=row[:2], error=e)
-
-    def _last_writes(self, peers: list[tuple[str, str, int]]) -> None:
-        # Each step on its own: the clean-stop marker must be written even
-        # if the peer rows cannot be.
-        try:
-            if peers:
-                self._commit_peers(peers)
-        except Exception:
-            log.failure("could not write peer partials at shutdown; peers will send them again")
-        self._set_meta("clean_shutdown", "1")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-
-    def _prune_keys(self, now: float) -> None:
-        if now - self._last_prune < 60:
-            return
-        self._last_prune = now
-        self._db.execute("DELETE FROM idempotency WHERE created < ?", (now - self.settings.idempotency_window,))
-        self._db.execute(
-            "DELETE FROM idempotency WHERE key IN "
-            "(SELECT key FROM idempotency ORDER BY created DESC LIMIT -1 OFFSET ?)",
-            (self.settings.idempotency_max_keys,),
-        )
-
-    def _set_meta(self, key: str, value: str) -> None:
-        with self._db:
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
-    def _set_meta_durably(self, values: dict[str, str]) -> None:
-        """Set meta entries in one transaction, with an fsync whatever the
-        durability mode."""
-        self._db.execute("PRAGMA synchronous=FULL")
-        try:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
-        finally:
+    def _reader(self) -> sqlite3.Connection:
+        """This process's connection: for start-up, :meth:`load`, and the
+        writes of :meth:`close` once the writer process has ended."""
+        if self._db is None:
+            self._db = sqlite3.connect(self.path / DB_FILE, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA synchronous={DURABILITY[self.settings.durability]}")
+        return self._db
 
-    def _checkpoint(self) -> Deferred[None]:
-        d = self._in_thread(self._run_checkpoint)
-        d.addErrback(lambda f: log.failure("WAL checkpoint failed", f))
-        return d
+    def _writes_here(self) -> Writes:
+        synchronous = DURABILITY[self.settings.durability]
+        return Writes(self._reader(), synchronous, self.settings.idempotency_window, self.settings.idempotency_max_keys)
 
-    def _run_checkpoint(self) -> None:
-        # Read the result here: a statement left open on the shared
-        # connection would make the next COMMIT fail.
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    def _close_reader(self) -> None:
+        """Close this process's connection (before a new writer is forked;
+        it is opened again when needed)."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        if self._closed:
+    def _in_writer(self, operation: str, *args: Any) -> Deferred[Any]:
+        if self._closed or self._writer is None:
             return fail(StoreError("the store is closed"))
-        return deferToThreadPool(self.reactor, self._pool, f, *args)
+        return self._writer.call(operation, *args)
+
+    def _checkpoint(self) -> Deferred[None]:
+        d = self._in_writer("checkpoint")
+        d.addErrback(lambda f: log.failure("WAL checkpoint failed", f))
+        return d
 
     def _flush_peers(self) -> None:
         self._flush_call = None

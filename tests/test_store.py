@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,15 +144,14 @@ async def test_a_full_disk_fails_the_increment_and_recovers(tmp_path: Path, open
     store = open_store(opened, tmp_path)
     node = Node(store)
     await node.increment("warm-up", 1)
-    # Cap the database at its current size: the next new rows do not fit,
-    # exactly as on a full disk (SQLITE_FULL).
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    # Cap the writer's database at its current size: the next new rows do
+    # not fit, exactly as on a full disk (SQLITE_FULL).
+    await store._writer.call("cap_pages", await store._writer.call("page_count"))
     with pytest.raises(StoreUnavailable, match="full"):
         for i in range(200):
             await node.increment(f"counter-with-a-long-name-{i:04}" + "x" * 200, 1)
     filled = sum(node.value(f"counter-with-a-long-name-{i:04}" + "x" * 200) for i in range(200))
-    store._db.execute("PRAGMA max_page_count = 1073741823")  # space again
+    await store._writer.call("cap_pages", 1073741823)  # space again
     ack = await node.increment("after", 2)
     assert ack.value == 2
     store.close()
@@ -197,9 +198,10 @@ async def test_fast_mode_checkpoints_never_break_commits(tmp_path: Path, opened:
 
 def crash(store: SqliteStore) -> None:
     """Leave the data dir as kill -9 would: no clean-shutdown record."""
-    store._pool.stop()
-    store._db.close()
-    store._lock.close()
+    assert store._writer.pid is not None
+    os.kill(store._writer.pid, signal.SIGKILL)
+    store._writer.stop_now()
+    store._release()
     store._closed = True
 
 
@@ -290,8 +292,10 @@ async def test_shutdown_releases_the_data_dir_without_blocking(tmp_path: Path, o
     store = open_store(opened, tmp_path)
     await Node(store).increment("c", 4)
     store.write_peers({"c": {"peer": 2}})
+    writer = store._writer.pid
     await store.shutdown()
-    assert not any(thread.is_alive() for thread in store._pool.threads)
+    with pytest.raises(ChildProcessError):  # it exited and was reaped
+        os.waitpid(writer, os.WNOHANG)
     again = open_store(opened, tmp_path)  # the lock is free
     assert set(again.load().entries) == {("c", store.replica_id, 4), ("c", "peer", 2)}
 

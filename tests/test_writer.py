@@ -1,0 +1,170 @@
+"""The store's writer process: replaced when it dies, deaf to the signals
+meant for its node, gone with its node, and holding nothing of the node's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from counterdb import writes
+from counterdb.node import Node, StoreUnavailable
+from counterdb.store import SqliteStore, StoreSettings
+from counterdb.writer import MAX_RESTARTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def writer_pid(store: SqliteStore) -> int:
+    assert store._writer is not None and store._writer.pid is not None
+    return store._writer.pid
+
+
+def gone(pid: int) -> bool:
+    """``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(condition: object, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not true within {seconds} s: {condition}"
+        time.sleep(0.01)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_writer_is_replaced_and_the_commit_it_held_is_acknowledged(tmp_path: Path) -> None:
+    """kill -9 of the writer (the OOM killer, an operator) while it holds a
+    commit: a new writer gets the commit again, the client gets its
+    acknowledgement, and nothing is counted twice."""
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        node = Node(store)
+        await node.increment("c", 1)
+        first = writer_pid(store)
+        os.kill(first, signal.SIGSTOP)  # it cannot answer: the next commit stays outstanding
+        pending = node.increment("c", 2)
+        os.kill(first, signal.SIGKILL)
+        ack = await pending
+        assert ack.value == 3
+        assert writer_pid(store) != first
+        assert (await node.increment("c", 4)).value == 7
+    finally:
+        store.close()
+    again = SqliteStore(str(tmp_path), reactor)
+    try:
+        assert Node(again).value("c") == 7
+    finally:
+        again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_writer_that_keeps_dying_fails_increments_and_reads_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        node = Node(store)
+        with pytest.raises(StoreUnavailable, match=f"exited {MAX_RESTARTS + 1} times in a row"):
+            await node.increment("c", 1)
+        assert node.value("c") == 0  # nothing was counted, and reads still answer
+        with pytest.raises(StoreUnavailable, match="until the node restarts"):
+            await node.increment("c", 1)  # it stays failed rather than restarting forever
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_writer_outlives_the_signals_meant_for_its_node(tmp_path: Path) -> None:
+    """systemd's SIGTERM goes to every process of the unit, a terminal's
+    Ctrl-C to the whole process group: the writer must stay to make the
+    node's last writes, so a fast-durability restart is still clean."""
+    store = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
+    node = Node(store)
+    await node.increment("c", 1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        os.kill(writer_pid(store), sig)
+    assert (await node.increment("c", 1)).value == 2
+    await store.shutdown()
+    again = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
+    try:
+        assert again.replica_id == store.replica_id  # the stop was recorded clean
+        assert Node(again).value("c") == 2
+    finally:
+        again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_writer_holds_no_descriptor_of_its_node(tmp_path: Path) -> None:
+    """A forked writer that kept the node's listening socket would keep
+    its port taken after the node died."""
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        await store.write_own({"c": 1})  # the writer has opened the database
+        pid = writer_pid(store)
+        sockets = [
+            fd
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if stat.S_ISSOCK(os.stat(f"/proc/{pid}/fd/{fd}").st_mode) and int(fd) > 2
+        ]
+        assert len(sockets) == 1  # its end of the pair, nothing else
+        files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert not any(name.endswith("counterdb.lock") for name in files)
+    finally:
+        store.close()
+
+
+def test_the_writer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from twisted.internet import reactor
+        from counterdb.store import SqliteStore
+        store = SqliteStore({str(tmp_path)!r}, reactor)
+        print(store._writer.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        child = int(node.stdout.readline())
+        assert not gone(child)
+    finally:
+        node.kill()
+        node.wait()
+    wait_until(lambda: gone(child))
+
+
+def test_frames_reassemble_whatever_the_reads_cut() -> None:
+    messages = [("commit", ([("c", "r", 1)], [])), ("checkpoint", ()), ("x" * 70_000, (None,))]
+    stream = b"".join(writes.frame(m) for m in messages)
+    for cut in (1, 3, 4, 5, 4096):
+        buffer, got = bytearray(), []
+        for start in range(0, len(stream), cut):
+            buffer += stream[start : start + cut]
+            got += writes.split_frames(buffer)
+        assert got == messages and not buffer
+
+
+def test_operators_can_tell_the_writer_from_its_node(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        comm = Path(f"/proc/{writer_pid(store)}/comm")
+        wait_until(lambda: comm.read_text().strip() == "counterdb-store")
+    finally:
+        store.close()
