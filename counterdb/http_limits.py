@@ -123,6 +123,7 @@ class GuardedChannel(HTTPChannel):
     _abort: IDelayedCall | None = None
     _header_bytes = 0
     _host: IAddress | None = None
+    _peer: IAddress | None = None
 
     # -- connection lifetime ------------------------------------------------
 
@@ -151,6 +152,12 @@ class GuardedChannel(HTTPChannel):
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def getPeer(self) -> IAddress:
+        # The same for the client's address (getpeername, 1.5 % in py-spy).
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:

@@ -125,23 +125,28 @@ def chunk(data: bytes) -> bytes:
 
 
 class HostAsker(StringTransport):
-    """A transport that counts how often it is asked for its local address."""
+    """A transport that counts how often it is asked for its addresses."""
 
     asked = 0
+    asked_peer = 0
 
     def getHost(self) -> Any:
         self.asked += 1
         return super().getHost()
 
+    def getPeer(self) -> Any:
+        self.asked_peer += 1
+        return super().getPeer()
 
-def test_every_request_on_a_connection_sees_its_local_address_asked_of_the_kernel_once() -> None:
+
+def test_every_request_on_a_connection_sees_its_addresses_asked_of_the_kernel_once() -> None:
     seen: list[Any] = []
 
     class Host(Resource):
         isLeaf = True
 
         def render(self, request: Request) -> bytes:
-            seen.append(request.getHost())
+            seen.append((request.getHost(), request.getClientAddress()))
             return b"ok"
 
     site = GuardedSite(Host(), limits=HTTPLimits(), parsePOSTFormSubmission=False, reactor=Clock())
@@ -149,8 +154,8 @@ def test_every_request_on_a_connection_sees_its_local_address_asked_of_the_kerne
     transport = HostAsker(hostAddress=IPv4Address("TCP", "127.0.0.7", 8080), peerAddress=PEER)
     channel.makeConnection(transport)
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
-    assert seen == [IPv4Address("TCP", "127.0.0.7", 8080)] * 2
-    assert transport.asked == 1
+    assert seen == [(IPv4Address("TCP", "127.0.0.7", 8080), PEER)] * 2
+    assert transport.asked == 1 and transport.asked_peer == 1
 
 
 # -- body size ---------------------------------------------------------------
