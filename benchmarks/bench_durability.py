@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sqlite3
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's counterdb
 from bench_cluster import percentile  # same directory: one definition for both scripts
-from common import fill, partial, replica_id
+from common import cpu_seconds, fill, partial, replica_id
 
 from counterdb.localcluster import LocalCluster
 from counterdb.node import Node
@@ -139,14 +138,14 @@ async def store_case(reactor: object, root: Path, kind: str, n: int, seconds: fl
         await run(min(0.5, seconds / 4))  # warm-up
         latencies.clear()
         commits0, done0 = node.stats.commits, node.stats.committed_increments
-        ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        # This process and the store's writer process, while it runs.
+        cpu0, t0 = cpu_seconds(os.getpid()), time.perf_counter()
         await run(seconds)
-        ru1, elapsed = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+        cpu, elapsed = cpu_seconds(os.getpid()) - cpu0, time.perf_counter() - t0
     finally:
         await store.shutdown()
         shutil.rmtree(data, ignore_errors=True)
     commits, done = node.stats.commits - commits0, node.stats.committed_increments - done0
-    cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
     print(
         f"    {kind:<7} {n:>4} {len(latencies) / elapsed:>9,.0f} {commits / elapsed:>10,.0f} "
         f"{done / max(1, commits):>12.1f} {percentile(latencies, 50) * 1000:>8.3f} "
