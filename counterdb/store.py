@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from counterdb import __version__, migrations
 from counterdb.crdt import Partials
-from counterdb.writer import WriterProcess
+from counterdb.writer import WriterError, WriterProcess
 from counterdb.writes import Writes
 
 log = Logger()
@@ -227,9 +227,12 @@ class SqliteStore:
         self._writer: WriterProcess | None = None
         try:
             # Forked first: an SQLite connection must not cross a fork.
-            self._writer = WriterProcess(
-                reactor, self.path / DB_FILE, synchronous, *key_limits, before_fork=self._close_reader
-            )
+            try:
+                self._writer = WriterProcess(
+                    reactor, self.path / DB_FILE, synchronous, *key_limits, before_fork=self._close_reader
+                )
+            except WriterError as e:
+                raise StoreError(f"{self.path}: {e}") from None
             self._db = _open_database(self.path / DB_FILE, synchronous)
             self.replica_id = self._claim_identity(settings.durability)
         except BaseException:

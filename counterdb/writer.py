@@ -124,7 +124,10 @@ class WriterProcess:
     # -- the child -----------------------------------------------------------------
 
     def _start_child(self) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:
+            raise WriterError(f"cannot start the store's writer process: {e}") from None
         try:
             self.pid = _fork_writer(child_end, self._settings)
             parent_end.setblocking(False)
@@ -159,7 +162,7 @@ class WriterProcess:
             return
         self._deaths_in_a_row += 1
         if self._deaths_in_a_row > MAX_RESTARTS:
-            self._give_up(status)
+            self._give_up(status, f"it exited {self._deaths_in_a_row} times in a row without answering")
             return
         log.error(
             "the store's writer process {pid} exited with status {status}; starting a new one and sending it "
@@ -169,15 +172,19 @@ class WriterProcess:
             count=len(self._outstanding),
         )
         self._before_fork()
-        self._start_child()
+        try:
+            self._start_child()
+        except WriterError as e:
+            self._give_up(status, str(e))
+            return
         assert self._channel is not None and self._channel.transport is not None
         for data, _ in self._outstanding:
             self._channel.transport.write(data)
 
-    def _give_up(self, status: int) -> None:
+    def _give_up(self, status: int, why: str) -> None:
         self._broken = (
-            f"the store's writer process exited {self._deaths_in_a_row} times in a row without answering "
-            f"(last status {status}); nothing more can be written until the node restarts"
+            f"the store's writer process is gone: {why} (last exit status {status}); "
+            "nothing more can be written until the node restarts"
         )
         log.critical("{message}", message=self._broken)
         self.pid = None
@@ -213,7 +220,10 @@ def _fork_writer(child_end: socket.socket, settings: tuple[str, str, float, int]
         # Python 3.12+ warns of forking a multi-threaded process: the child
         # touches no lock another thread might hold (no logging, no import).
         warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # out of processes or memory
+            raise WriterError(f"cannot start the store's writer process: {e}") from None
     if pid == 0:
         _become_writer(child_end, settings)
     return pid
@@ -225,7 +235,6 @@ def _become_writer(child_end: socket.socket, settings: tuple[str, str, float, in
         # The parent's objects are left alone: no collection would free
         # them anyway, and one would copy every page they share.
         gc.disable()
-        signal.set_wakeup_fd(-1)
         with contextlib.suppress(OSError):  # Linux: what ps -o comm and top show
             Path("/proc/self/comm").write_text("counterdb-store")  # 15 characters at most
         fd = child_end.fileno()

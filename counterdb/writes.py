@@ -223,11 +223,7 @@ def main(connection: socket.socket, db_path: str, synchronous: str, key_window: 
     """The writer process, once forked: open the database at the first
     request (the parent creates or upgrades it after the fork) and answer
     until the parent closes its end."""
-    # Stop only when the parent closes the socket, after its last writes: a
-    # Ctrl-C in a terminal or systemd's SIGTERM to the whole unit reach this
-    # process too, and must not cut the parent's shutdown short.
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _leave_the_nodes_signals_to_the_node()
     connection.setblocking(True)
     reader = connection.makefile("rb")
     first = _read_frame(reader)
@@ -246,6 +242,28 @@ def main(connection: socket.socket, db_path: str, synchronous: str, key_window: 
             request = _read_frame(reader)
     finally:
         db.close()
+
+
+#: Signals sent to every process of a node (systemd's default for ``stop``
+#: and ``kill``, a terminal's Ctrl-C to the process group) that are the
+#: node's business: the writer stays until the node closes the socket,
+#: after its last writes, and must not rotate the node's log a second time.
+NODE_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
+
+
+def _leave_the_nodes_signals_to_the_node() -> None:
+    """Ignore :data:`NODE_SIGNALS`, and drop every other handler the
+    forked node had installed (twistd's, the reactor's)."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+            if sig in NODE_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            elif callable(handler):
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue  # SIGKILL, SIGSTOP and the like
 
 
 def _read_frame(reader: Any) -> Any:

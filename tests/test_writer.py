@@ -18,7 +18,7 @@ from twisted.internet import reactor
 
 from counterdb import writes
 from counterdb.node import Node, StoreUnavailable
-from counterdb.store import SqliteStore, StoreSettings
+from counterdb.store import SqliteStore, StoreError, StoreSettings
 from counterdb.writer import MAX_RESTARTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ async def test_a_writer_that_keeps_dying_fails_increments_and_reads_go_on(
     store = SqliteStore(str(tmp_path), reactor)
     try:
         node = Node(store)
-        with pytest.raises(StoreUnavailable, match=f"exited {MAX_RESTARTS + 1} times in a row"):
+        with pytest.raises(StoreUnavailable, match=f"it exited {MAX_RESTARTS + 1} times in a row"):
             await node.increment("c", 1)
         assert node.value("c") == 0  # nothing was counted, and reads still answer
         with pytest.raises(StoreUnavailable, match="until the node restarts"):
@@ -89,13 +89,14 @@ async def test_a_writer_that_keeps_dying_fails_increments_and_reads_go_on(
 
 @pytest_twisted.ensureDeferred
 async def test_the_writer_outlives_the_signals_meant_for_its_node(tmp_path: Path) -> None:
-    """systemd's SIGTERM goes to every process of the unit, a terminal's
-    Ctrl-C to the whole process group: the writer must stay to make the
-    node's last writes, so a fast-durability restart is still clean."""
+    """systemd's SIGTERM (and `systemctl kill -s USR1`, twistd's log
+    rotation) goes to every process of the unit, a terminal's Ctrl-C to
+    the whole process group: the writer must stay to make the node's last
+    writes, so a fast-durability restart is still clean."""
     store = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
     node = Node(store)
     await node.increment("c", 1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         os.kill(writer_pid(store), sig)
     assert (await node.increment("c", 1)).value == 2
     await store.shutdown()
@@ -168,3 +169,39 @@ def test_operators_can_tell_the_writer_from_its_node(tmp_path: Path) -> None:
         wait_until(lambda: comm.read_text().strip() == "counterdb-store")
     finally:
         store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_writer_that_cannot_be_replaced_fails_writes_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of processes or memory when the writer must be replaced: the
+    commit it held fails (503), it does not wait forever."""
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        node = Node(store)
+        await node.increment("c", 1)
+
+        def no_fork() -> int:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(os, "fork", no_fork)
+        os.kill(writer_pid(store), signal.SIGSTOP)
+        pending = node.increment("c", 1)
+        os.kill(writer_pid(store), signal.SIGKILL)
+        with pytest.raises(StoreUnavailable, match="cannot start the store's writer process"):
+            await pending
+        assert node.value("c") == 1
+    finally:
+        store.close()
+
+
+def test_a_store_whose_writer_cannot_start_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(StoreError, match="cannot start the store's writer process"):
+        SqliteStore(str(tmp_path), reactor)
+    monkeypatch.undo()
+    SqliteStore(str(tmp_path), reactor).close()  # and the data dir was released
