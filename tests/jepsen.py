@@ -65,11 +65,13 @@ import http.client
 import itertools
 import os
 import random
+import signal
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nodes import NODE_ARGS as _NODE_ARGS
@@ -435,11 +437,23 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 # -- nemesis schedule ---------------------------------------------------------------
 
 KILL, PAUSE, PARTITION, ONEWAY, SLOW, FLAKY = "kill", "pause", "partition", "partition_oneway", "slow", "flaky"
-PROCESS_FAULTS = (KILL, PAUSE)
+#: SIGKILL of a node's store writer process (its child), at the fault's
+#: start and again at its end; the node itself stays up and must go on
+#: acknowledging every add sent to it.
+KILL_WRITER = "kill_writer"
+PROCESS_FAULTS = (KILL, PAUSE, KILL_WRITER)
 NETWORK_FAULTS = (PARTITION, ONEWAY, SLOW, FLAKY)
 ALL_FAULTS = PROCESS_FAULTS + NETWORK_FAULTS
 #: The event that ends a fault of each kind.
-ENDS = {KILL: "start", PAUSE: "resume", PARTITION: "heal", ONEWAY: "heal", SLOW: "heal", FLAKY: "heal"}
+ENDS = {
+    KILL: "start",
+    PAUSE: "resume",
+    KILL_WRITER: "kill_writer_again",
+    PARTITION: "heal",
+    ONEWAY: "heal",
+    SLOW: "heal",
+    FLAKY: "heal",
+}
 #: The event that ends the run: every node running, resumed and reachable.
 HEAL_ALL = "heal_all"
 #: Rolling-upgrade steps (an explicit schedule, not :func:`generate_schedule`'s):
@@ -1039,6 +1053,8 @@ class Nemesis(threading.Thread):
         elif kind == "resume":
             c.resume(targets[0])
             self.paused.discard(targets[0])
+        elif kind in (KILL_WRITER, "kill_writer_again"):
+            kill_writer(_pid(c, targets[0]))
         elif kind == PARTITION:
             c.partition([list(side) for side in targets])
         elif kind == ONEWAY:
@@ -1134,6 +1150,22 @@ class Nemesis(threading.Thread):
             self.killed.discard(node)
         if self.cluster.netns:
             self.cluster.heal()
+
+
+def kill_writer(node_pid: int) -> None:
+    """SIGKILL the store writer process of the node ``node_pid``: its child
+    (the node forks one writer at a time)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == node_pid:
+                children.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    if not children:
+        raise AssertionError(f"node {node_pid} has no writer process")
+    for child in children:
+        os.kill(child, signal.SIGKILL)
 
 
 def _pid(cluster: Any, node: str) -> int:
