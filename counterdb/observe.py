@@ -360,6 +360,11 @@ def _node_metrics(node: Node, replica_ids: Callable[[], int] | None) -> Iterator
         "Group commits the store failed to make durable (their increments were refused).",
         stats.failed_commits,
     )
+    yield _counter(
+        "counterdb_store_writer_restarts",
+        "Store writer processes that died and were replaced (their unanswered writes sent again).",
+        node.store.writer_restarts,
+    )
     yield _gauge("counterdb_counters", "Counters this node holds.", len(node.table))
     if replica_ids is not None:
         yield _gauge(

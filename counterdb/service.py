@@ -380,7 +380,7 @@ class CounterDBService(MultiService):
 
     def _abandon_start(self) -> None:
         # A start that fails must release the data dir and stop the store's
-        # writer thread, or the process would hang instead of exiting.
+        # writer process, or the process would hang instead of exiting.
         self.storage.close_now()
         if self.web.port is not None:
             self.web.port.stopListening()
@@ -390,6 +390,7 @@ class CounterDBService(MultiService):
         self.root.inner = api.resource()
         node.commit_observers.append(self.metrics.observe_commit)
         self.metrics.attach(node, parts.replication, parts.reads)
+        self.readiness.add_check(node.store.write_problem)
         self.readiness.serving(node, parts.members)
 
     def stopService(self) -> Deferred[Any]:

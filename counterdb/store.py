@@ -86,6 +86,14 @@ class Store(Protocol):
     def size_bytes(self) -> int | None:
         """What the store takes on disk, if it keeps anything there."""
 
+    def write_problem(self) -> str | None:
+        """Why the store can write nothing more until the node restarts, or
+        None (a full disk is not such a problem: it passes)."""
+
+    @property
+    def writer_restarts(self) -> int:
+        """Writer processes that died and were replaced so far."""
+
     def shutdown(self) -> Deferred[None]:
         """Write what is pending and release files and threads, without
         blocking the reactor."""
@@ -132,6 +140,11 @@ class MemoryStore:
 
     def size_bytes(self) -> int | None:
         return None
+
+    def write_problem(self) -> str | None:
+        return None
+
+    writer_restarts = 0
 
     def shutdown(self) -> Deferred[None]:
         return succeed(None)
@@ -326,6 +339,13 @@ class SqliteStore:
             except OSError:
                 pass
         return total
+
+    def write_problem(self) -> str | None:
+        return self._writer.problem if self._writer is not None else None
+
+    @property
+    def writer_restarts(self) -> int:
+        return self._writer.restarts if self._writer is not None else 0
 
     def renew_identity(self) -> Deferred[str]:
         replica_id = new_replica_id()

@@ -78,7 +78,13 @@ class WriterProcess:
         self._deaths_in_a_row = 0
         self._broken: str | None = None
         self._stopping = False
+        self.restarts = 0  # writers that died and were replaced
         self._start_child()
+
+    @property
+    def problem(self) -> str | None:
+        """Why nothing more can be written (the writer gave up), or None."""
+        return self._broken
 
     def call(self, operation: str, *args: Any) -> Deferred[Any]:
         """Run ``operation`` in the child; fires with its result, or fails
@@ -177,6 +183,7 @@ class WriterProcess:
         except WriterError as e:
             self._give_up(status, str(e))
             return
+        self.restarts += 1
         assert self._channel is not None and self._channel.transport is not None
         for data, _ in self._outstanding:
             self._channel.transport.write(data)

@@ -71,6 +71,7 @@ def test_every_family_is_valid_prometheus_text_and_named_counterdb() -> None:
         "counterdb_commits",
         "counterdb_committed_increments",
         "counterdb_store_errors",
+        "counterdb_store_writer_restarts",
         "counterdb_counters",
         "counterdb_replica_ids",
         "counterdb_node_info",
@@ -103,6 +104,7 @@ def test_node_totals_follow_increments() -> None:
     assert value(metrics, "counterdb_commits_total") == a.node.stats.commits >= 1
     assert value(metrics, "counterdb_counters") == 2.0
     assert value(metrics, "counterdb_store_errors_total") == 0.0
+    assert value(metrics, "counterdb_store_writer_restarts_total") == 0.0
 
 
 def test_pushes_polls_and_peer_state_are_labelled_by_peer_and_outcome() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 
+from counterdb import writes
 from counterdb.api import Access
 from counterdb.auth import Secrets
 from counterdb.service import CounterDBService, _warn_if_open
@@ -97,6 +98,7 @@ def test_make_service_opens_nothing_until_started(tmp_path: Path) -> None:
     """twistd calls makeService before it forks and drops privileges: the
     data dir, its lock and the writer thread must wait for startService."""
     data = tmp_path / "data"
+    writers = _writer_processes()
     service = makeService(
         parse("--port", "tcp:0:interface=127.0.0.9", "--poll-interval", "0.5", "--data-dir", str(data))
     )
@@ -108,7 +110,28 @@ def test_make_service_opens_nothing_until_started(tmp_path: Path) -> None:
     ]
     assert service.config.sync.poll_interval == 0.5
     assert not data.exists()
-    assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
+    assert _writer_processes() == writers  # nor does it fork the store's writer
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_store_gave_up_is_not_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load balancer must stop sending increments to a node that can
+    write nothing more: /ready says why, /health still answers."""
+    service = await started("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path))
+    try:
+        base = f"http://127.0.0.9:{service.web.port.getHost().port}"
+        assert (await treq.get(f"{base}/ready")).code == 200
+        monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+        os.kill(service.storage.store._writer.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        response = await treq.post(f"{base}/counter/c", data=b"1")
+        assert response.code == 503
+        response = await treq.get(f"{base}/ready")
+        assert response.code == 503
+        assert "writer process is gone" in (await response.json())["error"]
+        assert (await treq.get(f"{base}/health")).code == 200
+        assert (await treq.get(f"{base}/counter/c/value")).code == 200
+    finally:
+        await service.stopService()
 
 
 def test_an_unusable_data_dir_stops_the_start_with_the_reason(tmp_path: Path) -> None:
@@ -118,6 +141,19 @@ def test_an_unusable_data_dir_stops_the_start_with_the_reason(tmp_path: Path) ->
     with pytest.raises(SystemExit, match="cannot create the data directory"):
         service.startService()
     assert service.web.port.disconnecting  # the port is released too
+
+
+def _writer_processes() -> list[int]:
+    """This process's children named as the store's writer."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == str(os.getpid()) and "(counterdb-store)" in stat:
+            found.append(int(entry.name))
+    return found
 
 
 async def started(*args: str) -> CounterDBService:
@@ -130,6 +166,7 @@ async def started(*args: str) -> CounterDBService:
 @pytest_twisted.ensureDeferred
 async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path) -> None:
     service = await started("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9", "--data-dir", str(tmp_path))
+    writer = service.storage.store._writer.pid  # type: ignore[union-attr]
     try:
         port = service.web.port.getHost().port
         base = f"http://127.0.0.9:{port}"
@@ -145,7 +182,8 @@ async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path)
     assert service.web.port is None
     lock = tmp_path / "counterdb.lock"
     assert lock.read_text().strip() == str(os.getpid())
-    assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
+    with pytest.raises(ChildProcessError):  # the store's writer process exited and was reaped
+        os.waitpid(writer, os.WNOHANG)
 
 
 @pytest_twisted.ensureDeferred
@@ -164,7 +202,6 @@ async def test_stopping_waits_for_queued_increments_and_cancels_peer_requests(tm
     with pytest.raises(CancelledError):
         await read
     assert not service.sync.parts.replication.links["http://127.0.0.10:" + base.rsplit(":", 1)[1]]._pushing
-    assert not any(t.name.startswith("counterdb-store") for t in threading.enumerate())
     restarted = await started("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path))
     try:
         assert restarted.node.value("c") == 50

@@ -205,3 +205,28 @@ def test_a_store_whose_writer_cannot_start_says_so(tmp_path: Path, monkeypatch: 
         SqliteStore(str(tmp_path), reactor)
     monkeypatch.undo()
     SqliteStore(str(tmp_path), reactor).close()  # and the data dir was released
+
+
+@pytest_twisted.ensureDeferred
+async def test_replacements_are_counted_and_a_store_that_gave_up_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What /ready and /metrics read: a replaced writer is counted; a
+    store that can write nothing more gives the reason (GET /ready then
+    answers 503 with it, so load balancers stop sending increments)."""
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        node = Node(store)
+        await node.increment("c", 1)
+        assert store.writer_restarts == 0 and store.write_problem() is None
+        os.kill(writer_pid(store), signal.SIGKILL)
+        assert (await node.increment("c", 1)).value == 2
+        assert store.writer_restarts == 1 and store.write_problem() is None
+        monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+        os.kill(writer_pid(store), signal.SIGKILL)
+        with pytest.raises(StoreUnavailable):
+            await node.increment("c", 1)
+        problem = store.write_problem()
+        assert problem is not None and "until the node restarts" in problem
+    finally:
+        store.close()
