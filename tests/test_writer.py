@@ -230,3 +230,41 @@ async def test_replacements_are_counted_and_a_store_that_gave_up_says_why(
         assert problem is not None and "until the node restarts" in problem
     finally:
         store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_made_by_a_writer_that_died_before_answering_counts_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst moment to die: after SQLite's commit, before the answer.
+    The new writer is sent the same absolute partials again; the counter
+    must not move twice, now or after a restart."""
+    died_once = tmp_path / "died-once"
+    commit = writes.Writes.commit
+
+    def commit_then_die_once(self: writes.Writes, rows: list[writes.Row], keys: object = ()) -> None:
+        commit(self, rows, keys)  # type: ignore[arg-type]
+        if rows and rows[0][0] == "c" and not died_once.exists():
+            died_once.touch()
+            os._exit(9)
+
+    store = SqliteStore(str(tmp_path / "data"), reactor)
+    try:
+        node = Node(store)
+        await node.increment("c", 5)
+        first = writer_pid(store)
+        monkeypatch.setattr(writes.Writes, "commit", commit_then_die_once)
+        os.kill(first, signal.SIGKILL)  # the next writer is forked with the patch
+        ack = await node.increment("c", 2, key="k")
+        assert died_once.exists() and ack.value == 7
+        assert (await node.increment("c", 2, key="k")).replayed
+        assert node.value("c") == 7
+    finally:
+        store.close()
+    again = SqliteStore(str(tmp_path / "data"), reactor)
+    try:
+        node = Node(again)
+        assert node.value("c") == 7
+        assert (await node.increment("c", 2, key="k")).replayed and node.value("c") == 7
+    finally:
+        again.close()
