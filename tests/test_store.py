@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from counterdb.node import Node, StoreUnavailable
-from counterdb.store import DB_FILE, IdempotencyRecord, SqliteStore, StoreError, StoreSettings
+from counterdb.store import DB_FILE, PEER_ROWS_PER_WRITE, IdempotencyRecord, SqliteStore, StoreError, StoreSettings
 
 
 @pytest.fixture
@@ -340,3 +341,48 @@ async def test_peer_rows_written_in_bulk_read_back_exactly(tmp_path: Path, opene
     expected.update({(name, "q.r-s_t"): i + 1 for i, name in enumerate(names)})
     expected[(names[0], "q.r-s_t")] = 100
     assert loaded == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_peer_backlog_goes_to_the_writer_in_chunks(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    """A node catching up gathers hundreds of thousands of peer rows a
+    second; handing them over in one piece held the reactor for half a
+    second per million. They go in chunks, one transaction each, and all
+    arrive."""
+    store = open_store(opened, tmp_path)
+    sizes: list[int] = []
+    call = store._writer.call
+
+    def recording(operation: str, *args: object) -> object:
+        if operation == "commit_peers":
+            sizes.append(len(args[0]))  # type: ignore[arg-type]
+        return call(operation, *args)
+
+    store._writer.call = recording  # type: ignore[method-assign]
+    store.write_peers({f"c{i}": {"p": i + 1} for i in range(PEER_ROWS_PER_WRITE * 2 + 7)})
+    await store.flush()
+    assert sizes == [PEER_ROWS_PER_WRITE, PEER_ROWS_PER_WRITE, 7]
+    store.close()
+    assert len(list(open_store(opened, tmp_path).load().entries)) == PEER_ROWS_PER_WRITE * 2 + 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shutdown_during_a_flush_still_writes_every_peer_row(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = open_store(opened, tmp_path)
+    sent: list[int] = []
+    call = store._writer.call
+
+    def recording(operation: str, *args: object) -> object:
+        if operation == "commit_peers":
+            sent.append(len(args[0]))  # type: ignore[arg-type]
+        return call(operation, *args)
+
+    store._writer.call = recording  # type: ignore[method-assign]
+    rows = PEER_ROWS_PER_WRITE * 40
+    store.write_peers({f"c{i}": {"p": 1} for i in range(rows)})
+    flushing = store.flush()
+    await deferLater(reactor, 0, lambda: None)  # a first turn of chunks, not all of them
+    assert 0 < sum(sent) < rows
+    await store.shutdown()
+    await flushing
+    assert len(list(open_store(opened, tmp_path).load().entries)) == rows
