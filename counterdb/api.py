@@ -221,6 +221,8 @@ class CounterAPI:
                 "removed": self.members.removed_by is not None,
                 "counters": len(self.node.table),
                 "store_bytes": self.node.store.size_bytes(),
+                "store_problem": self.node.store.write_problem(),
+                "writer_restarts": self.node.store.writer_restarts,
                 **self._replica_census(),
                 "stats": attrs.asdict(self.node.stats),
                 "protocol": self._protocol_status(),

@@ -12,7 +12,9 @@
 
 Exit status: 0 when it worked, 1 on an error (one line on stderr, starting
 ``counterdb:``), 2 on a usage error. ``cluster-status`` exits 1 when a node
-does not answer, the actors lists differ or a replica id conflicts. The
+does not answer, the actors lists differ, a replica id conflicts, a node
+cannot reach a peer that answers us, or a node's store can write nothing
+more. The
 ``--help`` texts are plain text for a terminal; this docstring is for
 readers of the code. Also runs as ``python -m counterdb.cli``.
 """
@@ -85,8 +87,10 @@ of counters, whether its actors list is the same as this node's, and for each
 of its peers whether it reaches it and how many counters wait to be pushed to
 it ("dirty"; 0 everywhere means every change has been pushed).
 
-Exits 1 if a node did not answer, the lists differ or a node reports a
-replica id conflict.
+Exits 1 if a node did not answer, the lists differ, a node reports a
+replica id conflict, a node cannot reach a peer that answers here (a
+partition between nodes), or a node's store can write nothing more until
+it is restarted.
 """
 
 
@@ -501,6 +505,20 @@ def cluster_problems(reports: list[NodeReport]) -> list[str]:
     ]
     if conflicts:
         problems.append(f"replica id conflicts reported by {', '.join(conflicts)}")
+    stuck = [r.entry for r in reports if r.status is not None and r.status.get("store_problem")]
+    if stuck:
+        problems.append(f"the store can write nothing more until a restart on {', '.join(stuck)}")
+    # A node that answers us but not its peer: a partition between nodes
+    # (a silent node is said above already).
+    cut = [
+        f"{r.entry} -> {peer.get('entry')}"
+        for r in reports
+        if r.status is not None
+        for peer in (r.status.get("peers") or {}).values()
+        if peer.get("reachable") is False and peer.get("entry") not in silent
+    ]
+    if cut:
+        problems.append(f"nodes that cannot reach a peer: {', '.join(cut)}")
     return problems
 
 
