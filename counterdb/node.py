@@ -129,6 +129,7 @@ class Node:
         self._pending_keys: dict[str, _PendingIncrement] = {}
         self._queue: list[_PendingIncrement] = []
         self._committing = False
+        self._commit_token: object = None
         self._draining = False
         self._stopping: Deferred[None] | None = None
         self._idle_waiters: list[Deferred[None]] = []
@@ -390,6 +391,7 @@ class Node:
         now = self.clock.seconds()
         records = [p.record(now) for p in accepted if p.key is not None]
         self._committing = True
+        token = self._commit_token = object()
         started = time.perf_counter()
         d = maybeDeferred(self.store.write_own, own, records)
         d.addCallbacks(
@@ -398,7 +400,7 @@ class Node:
             callbackArgs=(own, accepted, records, started),
             errbackArgs=(accepted,),
         )
-        d.addBoth(self._batch_finished)
+        d.addBoth(self._batch_finished, token)
 
     def _apply_batch(self, batch: list[_PendingIncrement]) -> dict[str, int]:
         """New absolute own partials for ``batch``. A request that would
@@ -456,6 +458,11 @@ class Node:
         self._remember_keys(records)
         self.stats.commits += 1
         self.stats.committed_increments += sum(len(p.amounts) for p in accepted)
+        # The next batch goes to the store before this one's answers are
+        # written: the writer process syncs it meanwhile (+3 % increments/s,
+        # a lower p99; docs/design.md). It builds on partials now durable.
+        self._committing = False
+        self._commit_next_batch()
         self._answer(accepted)
         for observe in self.commit_observers:
             try:
@@ -497,8 +504,9 @@ class Node:
             if not waiter.called:
                 waiter.errback(error)
 
-    def _batch_finished(self, result: object) -> None:
-        self._committing = False
+    def _batch_finished(self, result: object, token: object) -> None:
+        if self._commit_token is token:  # not if the next commit already started
+            self._committing = False
         if isinstance(result, Failure):
             self.log.failure("the group commit loop failed", result)
         if self._renewal == "wanted":

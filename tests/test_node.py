@@ -293,3 +293,27 @@ def test_stop_answers_queued_increments_then_refuses_new_ones() -> None:
     store.finish(-1)
     assert FakeNet.fired(stopped)
     assert [outcome(first), outcome(second)] == [[1], [2]]
+
+
+def test_the_next_batch_goes_to_the_store_before_the_answers_are_written() -> None:
+    """While a batch's answers are written, the next batch is already being
+    made durable (in parallel, by the writer process); it is built on the
+    partials just made durable, and one commit at a time stays in flight."""
+    store = SlowStore()
+    node = Node(store)
+    first = node.increment("c", 1)
+    queued = [node.increment("c", 2), node.increment("d", 5)]
+    seen_when_answered: list[int] = []
+    first.addCallback(lambda ack: seen_when_answered.append(len(store.commits)))
+    assert len(store.commits) == 1
+    store.finish(0)
+    assert seen_when_answered == [2]  # the second commit was handed over first
+    assert store.commits[1][0] == {"c": 3, "d": 5}  # on top of the durable 1
+    answers = [outcome(d) for d in queued]
+    assert answers == [[], []]  # not durable yet
+    node.increment("c", 4)
+    assert len(store.commits) == 2  # still one commit in flight
+    store.finish(1)
+    assert answers == [[3], [5]]
+    store.finish(2)
+    assert node.value("c") == 7
