@@ -226,22 +226,39 @@ def main(connection: socket.socket, db_path: str, synchronous: str, key_window: 
     _leave_the_nodes_signals_to_the_node()
     connection.setblocking(True)
     reader = connection.makefile("rb")
-    first = _read_frame(reader)
-    if first is None:
+    request: Any = _read_frame(reader)
+    if request is None:
         return
+    try:
+        db = _open(db_path, synchronous)
+    except sqlite3.Error as e:
+        # Every request gets the reason (the node logs it with the failed
+        # write) rather than a dead writer and a bare exit status.
+        error = (type(e).__name__, f"the store's writer process cannot open {db_path}: {e}")
+        while request is not None:
+            connection.sendall(frame((error, None, [])))
+            request = _read_frame(reader)
+        return
+    try:
+        writes = Writes(db, synchronous, key_window, max_keys)
+        while request is not None:
+            connection.sendall(frame(run(writes, *request)))
+            request = _read_frame(reader)
+    finally:
+        db.close()
+
+
+def _open(db_path: str, synchronous: str) -> sqlite3.Connection:
     db = sqlite3.connect(db_path, isolation_level=None)
     try:
         db.execute(f"PRAGMA synchronous={synchronous}")
         # The parent reads at start-up and writes only after this process
         # ended; wait rather than fail if it still holds a lock.
         db.execute("PRAGMA busy_timeout = 10000")
-        writes = Writes(db, synchronous, key_window, max_keys)
-        request: Any = first
-        while request is not None:
-            connection.sendall(frame(run(writes, *request)))
-            request = _read_frame(reader)
-    finally:
+    except sqlite3.Error:
         db.close()
+        raise
+    return db
 
 
 #: Signals sent to every process of a node (systemd's default for ``stop``

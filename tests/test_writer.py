@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -268,3 +269,28 @@ async def test_a_commit_made_by_a_writer_that_died_before_answering_counts_once(
         assert (await node.increment("c", 2, key="k")).replayed and node.value("c") == 7
     finally:
         again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_writer_that_cannot_open_the_database_says_why_with_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors, a file made unreadable: the reason goes with the
+    failed write into the node's log and its 503, not into a dead child's
+    stderr (which a daemon sends nowhere)."""
+
+    def cannot_open(db_path: str, synchronous: str) -> object:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        node = Node(store)
+        await node.increment("c", 1)
+        monkeypatch.setattr(writes, "_open", cannot_open)
+        os.kill(writer_pid(store), signal.SIGKILL)  # the next writer is forked with the patch
+        with pytest.raises(StoreUnavailable, match=r"writer process cannot open .*unable to open database file"):
+            await node.increment("c", 1)
+        assert store.write_problem() is None  # it answers: not a writer that keeps dying
+        monkeypatch.undo()
+    finally:
+        store.close()
