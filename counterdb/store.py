@@ -237,7 +237,7 @@ class SqliteStore:
         self.path = Path(data_dir)
         self.reactor = reactor
         self.settings = settings
-        synchronous = DURABILITY[settings.durability]
+        synchronous = self._synchronous = DURABILITY[settings.durability]
         key_limits = (settings.idempotency_window, settings.idempotency_max_keys)
         self._lock = _lock_data_dir(self.path)
         self._db: sqlite3.Connection | None = None
@@ -379,7 +379,7 @@ class SqliteStore:
         written: list[Deferred[None]] = []
 
         def send_chunks() -> Iterator[None]:
-            while chunk := [(name, replica, count) for (name, replica), count in islice(unsent, PEER_ROWS_PER_WRITE)]:
+            while chunk := _rows(islice(unsent, PEER_ROWS_PER_WRITE)):
                 d = self._in_writer("commit_peers", chunk)
                 d.addErrback(self._restore_peer_backlog, chunk)
                 written.append(d)
@@ -397,10 +397,19 @@ class SqliteStore:
             return succeed(None)
         writer = self._writer
         assert writer is not None
-        d = writer.call("last_writes", self._begin_close())
-        d.addErrback(lambda f: log.failure("could not finish the store's last writes", f))
-        d.addCallback(lambda _: writer.stop())
+        peers = self._begin_close()
+        d = writer.call("last_writes", peers)
+        d.addCallbacks(lambda _: writer.stop(), self._last_writes_here_instead, errbackArgs=(writer, peers))
         d.addBoth(lambda _: self._release())
+        return d
+
+    def _last_writes_here_instead(self, failure: Any, writer: WriterProcess, peers: list[tuple[str, str, int]]) -> Any:
+        """The writer could not make the last writes (it gave up): stop it
+        and make them from this process, so that the stop is still marked
+        clean. Blocking, once, at shutdown."""
+        log.failure("the store's writer could not make the last writes; making them from the node", failure)
+        d = writer.stop()
+        d.addCallback(lambda _: self._last_writes_here(peers))
         return d
 
     def close(self) -> None:
@@ -412,16 +421,22 @@ class SqliteStore:
         peers = self._begin_close()
         assert self._writer is not None
         self._writer.stop_now()
+        try:
+            self._last_writes_here(peers)
+        finally:
+            self._release()
+
+    def _last_writes_here(self, peers: list[tuple[str, str, int]]) -> None:
+        """The last writes on this process's connection, once no writer
+        process runs."""
         writes = None
         try:
             writes = self._writes_here()
             writes.last_writes(peers)
         except Exception:
             log.failure("could not finish the store's last writes")
-        finally:
-            for warning in writes.warnings if writes is not None else ():
-                log.warn("store: {warning}", warning=warning)
-            self._release()
+        for warning in writes.warnings if writes is not None else ():
+            log.warn("store: {warning}", warning=warning)
 
     def _begin_close(self) -> list[tuple[str, str, int]]:
         self._closed = True
@@ -430,8 +445,7 @@ class SqliteStore:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         # Rows a flush had not handed over yet go with the last writes.
-        unsent = [(name, replica, count) for (name, replica), count in self._unsent]
-        return self._take_peer_backlog() + unsent
+        return self._take_peer_backlog() + _rows(self._unsent)
 
     def _release(self) -> None:
         self._close_reader()
@@ -444,12 +458,12 @@ class SqliteStore:
         writes of :meth:`close` once the writer process has ended."""
         if self._db is None:
             self._db = sqlite3.connect(self.path / DB_FILE, isolation_level=None, check_same_thread=False)
-            self._db.execute(f"PRAGMA synchronous={DURABILITY[self.settings.durability]}")
+            self._db.execute(f"PRAGMA synchronous={self._synchronous}")
         return self._db
 
     def _writes_here(self) -> Writes:
-        synchronous = DURABILITY[self.settings.durability]
-        return Writes(self._reader(), synchronous, self.settings.idempotency_window, self.settings.idempotency_max_keys)
+        s = self.settings
+        return Writes(self._reader(), self._synchronous, s.idempotency_window, s.idempotency_max_keys)
 
     def _close_reader(self) -> None:
         """Close this process's connection (before a new writer is forked;
@@ -476,12 +490,17 @@ class SqliteStore:
 
     def _take_peer_backlog(self) -> list[tuple[str, str, int]]:
         backlog, self._peer_backlog = self._peer_backlog, {}
-        return [(name, replica, count) for (name, replica), count in backlog.items()]
+        return _rows(backlog.items())
 
     def _restore_peer_backlog(self, failure: Any, peers: list[tuple[str, str, int]]) -> None:
         log.failure("could not store {n} peer partials; will retry", failure, n=len(peers))
         if not self._closed:
             self.write_peers({name: {replica: count} for name, replica, count in peers})
+
+
+def _rows(backlog: Iterable[tuple[tuple[str, str], int]]) -> list[tuple[str, str, int]]:
+    """Peer backlog entries as the writer's rows: (counter, replica, count)."""
+    return [(name, replica, count) for (name, replica), count in backlog]
 
 
 def _lock_data_dir(path: Path) -> Any:

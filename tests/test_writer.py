@@ -294,3 +294,29 @@ async def test_a_writer_that_cannot_open_the_database_says_why_with_every_write(
         monkeypatch.undo()
     finally:
         store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_whose_writer_gave_up_still_stops_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last writes (peer rows, the clean-stop record) are made from the
+    node itself when no writer can make them: a fast-durability node then
+    keeps its replica id, and the peer rows are kept."""
+    store = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
+    node = Node(store)
+    await node.increment("c", 1)
+    monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+    os.kill(writer_pid(store), signal.SIGKILL)
+    with pytest.raises(StoreUnavailable):
+        await node.increment("c", 1)
+    assert store.write_problem() is not None
+    store.write_peers({"c": {"peer": 4}})
+    await store.shutdown()
+    monkeypatch.undo()
+    again = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
+    try:
+        assert again.replica_id == store.replica_id  # the stop was recorded clean
+        assert Node(again).partials("c") == {store.replica_id: 1, "peer": 4}
+    finally:
+        again.close()
