@@ -128,8 +128,7 @@ class Node:
         self._forget_old_keys()
         self._pending_keys: dict[str, _PendingIncrement] = {}
         self._queue: list[_PendingIncrement] = []
-        self._committing = False
-        self._commit_token: object = None
+        self._commit: object | None = None  # the commit in flight, if one is
         self._draining = False
         self._stopping: Deferred[None] | None = None
         self._idle_waiters: list[Deferred[None]] = []
@@ -210,7 +209,7 @@ class Node:
         self._queue.append(pending)
         if key is not None:
             self._pending_keys[key] = pending
-        if not self._committing:
+        if self._commit is None:
             self._commit_next_batch()
         return waiter
 
@@ -281,7 +280,7 @@ class Node:
             self._idle_waiters.append(d)
 
     def _idle(self) -> bool:
-        return not self._committing and not self._queue and self._renewal is None
+        return self._commit is None and not self._queue and self._renewal is None
 
     def _notify_if_idle(self) -> None:
         if self._idle():
@@ -311,7 +310,7 @@ class Node:
             reason=reason,
         )
         self._renewal = "wanted"
-        if not self._committing:
+        if self._commit is None:
             self._start_renewal()
 
     def _start_renewal(self) -> None:
@@ -377,7 +376,7 @@ class Node:
             return
         self._draining = True
         try:
-            while self._queue and not self._committing:
+            while self._queue and self._commit is None:
                 self._start_commit()
         finally:
             self._draining = False
@@ -390,8 +389,7 @@ class Node:
             return
         now = self.clock.seconds()
         records = [p.record(now) for p in accepted if p.key is not None]
-        self._committing = True
-        token = self._commit_token = object()
+        commit = self._commit = object()
         started = time.perf_counter()
         d = maybeDeferred(self.store.write_own, own, records)
         d.addCallbacks(
@@ -400,7 +398,7 @@ class Node:
             callbackArgs=(own, accepted, records, started),
             errbackArgs=(accepted,),
         )
-        d.addBoth(self._batch_finished, token)
+        d.addBoth(self._batch_finished, commit)
 
     def _apply_batch(self, batch: list[_PendingIncrement]) -> dict[str, int]:
         """New absolute own partials for ``batch``. A request that would
@@ -461,7 +459,7 @@ class Node:
         # The next batch goes to the store before this one's answers are
         # written: the writer process syncs it meanwhile (+3 % increments/s,
         # a lower p99; docs/design.md). It builds on partials now durable.
-        self._committing = False
+        self._commit = None
         self._commit_next_batch()
         self._answer(accepted)
         for observe in self.commit_observers:
@@ -504,9 +502,9 @@ class Node:
             if not waiter.called:
                 waiter.errback(error)
 
-    def _batch_finished(self, result: object, token: object) -> None:
-        if self._commit_token is token:  # not if the next commit already started
-            self._committing = False
+    def _batch_finished(self, result: object, commit: object) -> None:
+        if self._commit is commit:  # not if the next commit already started
+            self._commit = None
         if isinstance(result, Failure):
             self.log.failure("the group commit loop failed", result)
         if self._renewal == "wanted":
