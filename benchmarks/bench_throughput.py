@@ -142,7 +142,7 @@ def report(results: dict, img_dir: Path) -> str:
         " goes to the unobserved log buffer, as in issue 10's reference figures); the same **with no access"
         " log**; and **bare twisted.web**, a default `Site` with a `Resource` that does the same"
         " (`benchmarks/baselines.py`). Rounds are interleaved, so a slow minute of the machine hits all"
-        " four; the median round is shown. *counterdb CPU* is node A's and its store writer's, in cores.",
+        " four; the median round is shown. *counterdb CPU* is node A's with its store's spawner and writer, in cores.",
         "",
         f"{results['rounds']} round(s) of {results['seconds']:g} s per server and number of connections.",
         "",

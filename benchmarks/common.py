@@ -64,17 +64,21 @@ def rss_mib(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    """The live child processes of ``pid``."""
-    found = []
+    """The live descendants of ``pid`` (a node's store spawner, and the
+    writer it forked)."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    family: set[int] = set()
+    grown = {pid}
+    while grown:
+        grown = {child for child, parent in parents.items() if parent in grown} - family
+        family |= grown
+    return sorted(family)
 
 
 def _own_cpu_seconds(pid: int) -> float:

@@ -13,6 +13,14 @@ The child is forked, not executed: it needs no interpreter path, no
 parent opens the database (SQLite connections must not cross a fork), closes
 every descriptor but its socket, and leaves the parent's objects alone.
 
+Writers are forked by a small *spawner* process, itself forked with the
+first writer's settings before the node opens or loads anything. Forked
+from the node after it loaded its counters, a writer would keep a private
+copy of every page the node changes afterwards (half the node's memory
+within minutes at a million counters); forked from the spawner, every
+writer stays as small as the first. If the spawner is gone, a writer is
+forked from the node itself (logged).
+
 If the child dies with operations outstanding (killed, out of memory), a new
 one starts and is sent them again: every operation is idempotent. After
 :data:`MAX_RESTARTS` deaths in a row without a single answer, the writer
@@ -27,6 +35,7 @@ import os
 import signal
 import socket
 import sqlite3
+import struct
 import time
 import traceback
 import warnings
@@ -79,7 +88,13 @@ class WriterProcess:
         self._broken: str | None = None
         self._stopping = False
         self.restarts = 0  # writers that died and were replaced
-        self._start_child()
+        self._direct = False  # the writer is this process's child (forked without the spawner)
+        self._spawner: _Spawner | None = _Spawner(self._settings)
+        try:
+            self._start_child()
+        except BaseException:
+            self._spawner.close()
+            raise
 
     @property
     def problem(self) -> str | None:
@@ -107,9 +122,11 @@ class WriterProcess:
         if self._channel is not None and self._channel.transport is not None:
             self._channel.transport.loseConnection()  # after the buffer is sent
         if self.pid is None:
+            self._close_spawner()
             return succeed(None)
         d = self._reap(self.pid, time.monotonic() + STOP_TIMEOUT)
         d.addCallback(lambda _: self._fail_outstanding("the store's writer stopped before answering"))
+        d.addCallback(lambda _: self._close_spawner())
         return d
 
     def stop_now(self) -> None:
@@ -124,25 +141,56 @@ class WriterProcess:
                 transport.getHandle().shutdown(socket.SHUT_RDWR)
             transport.abortConnection()
         if self.pid is not None:
-            _wait_blocking(self.pid, time.monotonic() + STOP_TIMEOUT)
+            _wait_blocking(self.pid, self._direct, time.monotonic() + STOP_TIMEOUT)
         self._fail_outstanding("the store was closed before the writer answered")
+        self._close_spawner()
+
+    @property
+    def spawner_pid(self) -> int | None:
+        return self._spawner.pid if self._spawner is not None else None
+
+    def _close_spawner(self) -> None:
+        spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            spawner.close()
 
     # -- the child -----------------------------------------------------------------
 
     def _start_child(self) -> None:
+        self.pid, parent_end, self._direct = self._new_writer()
         try:
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as e:
-            raise WriterError(f"cannot start the store's writer process: {e}") from None
-        try:
-            self.pid = _fork_writer(child_end, self._settings)
             parent_end.setblocking(False)
             self._channel = _Channel(self)
             factory = Factory.forProtocol(lambda: self._channel)
             self.reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, factory)
         finally:
-            child_end.close()
             parent_end.close()  # the reactor holds its own duplicate
+
+    def _new_writer(self) -> tuple[int, socket.socket, bool]:
+        """A new writer: its pid, this end of its socket, and whether it is
+        this process's own child."""
+        if self._spawner is not None:
+            try:
+                return (*self._spawner.spawn(), False)
+            except WriterError as e:
+                log.warn(
+                    "{problem}; forking the store's writer from the node itself (it will keep copies of the "
+                    "pages the node changes: restart the node at a quiet moment to give them back)",
+                    problem=e,
+                )
+                self._close_spawner()
+        self._before_fork()
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:
+            raise WriterError(f"cannot start the store's writer process: {e}") from None
+        try:
+            return _fork(lambda: _become_writer(child_end, self._settings)), parent_end, True
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
 
     def _answered(self, answer: tuple[Any, Any, list[str]]) -> None:
         self._deaths_in_a_row = 0
@@ -177,7 +225,6 @@ class WriterProcess:
             status=status,
             count=len(self._outstanding),
         )
-        self._before_fork()
         try:
             self._start_child()
         except WriterError as e:
@@ -196,6 +243,7 @@ class WriterProcess:
         log.critical("{message}", message=self._broken)
         self.pid = None
         self._fail_outstanding(self._broken)
+        self._close_spawner()
 
     def _fail_outstanding(self, message: str) -> None:
         outstanding, self._outstanding = self._outstanding, deque()
@@ -207,13 +255,15 @@ class WriterProcess:
         blocking the reactor; kills it at ``deadline``."""
         done: Deferred[int] = Deferred()
 
+        direct = self._direct
+
         def poll() -> None:
-            status = _exit_status(pid)
+            status = _exit_status(pid, direct)
             if status is not None:
                 done.callback(status)
             elif time.monotonic() >= deadline:
                 log.warn("the store's writer process {pid} did not exit; killing it", pid=pid)
-                done.callback(_kill(pid))
+                done.callback(_kill(pid, direct))
             else:
                 self.reactor.callLater(_REAP_INTERVAL, poll)
 
@@ -221,8 +271,49 @@ class WriterProcess:
         return done
 
 
-def _fork_writer(child_end: socket.socket, settings: tuple[str, str, float, int]) -> int:
-    """Fork the writer; returns its pid. The child never returns."""
+class _Spawner:
+    """This process's end of the spawner: asks it for a writer, and gets
+    back the writer's pid and this end of the writer's socket."""
+
+    def __init__(self, settings: tuple[str, str, float, int]) -> None:
+        try:
+            self.control, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:
+            raise WriterError(f"cannot start the store's writer process: {e}") from None
+        try:
+            self.pid = _fork(lambda: _become_spawner(spawner_end, settings))
+        except BaseException:
+            self.control.close()
+            raise
+        finally:
+            spawner_end.close()
+        # It answers within milliseconds; a spawner that does not is as good as gone.
+        self.control.settimeout(STOP_TIMEOUT)
+
+    def spawn(self) -> tuple[int, socket.socket]:
+        try:
+            self.control.sendall(b"w")
+            message, fds, _, _ = socket.recv_fds(self.control, 1024, 1)
+        except OSError as e:
+            raise WriterError(f"the store's spawner process is gone ({e})") from None
+        if len(message) < 4:
+            raise WriterError("the store's spawner process is gone")
+        (pid,) = struct.unpack(">i", message[:4])
+        if pid < 0 or not fds:
+            for fd in fds:
+                os.close(fd)
+            reason = message[4:].decode("utf-8", "replace")
+            raise WriterError(f"cannot start the store's writer process: {reason}")
+        return pid, socket.socket(fileno=fds[0])
+
+    def close(self) -> None:
+        """Close the control socket: the spawner exits at once."""
+        self.control.close()
+        _wait_blocking(self.pid, True, time.monotonic() + STOP_TIMEOUT)
+
+
+def _fork(become: Any) -> int:
+    """Fork; the child runs ``become()``, which never returns."""
     with warnings.catch_warnings():
         # Python 3.12+ warns of forking a multi-threaded process: the child
         # touches no lock another thread might hold (no logging, no import).
@@ -232,21 +323,45 @@ def _fork_writer(child_end: socket.socket, settings: tuple[str, str, float, int]
         except OSError as e:  # out of processes or memory
             raise WriterError(f"cannot start the store's writer process: {e}") from None
     if pid == 0:
-        _become_writer(child_end, settings)
+        become()
     return pid
+
+
+def _become_spawner(control: socket.socket, settings: tuple[str, str, float, int]) -> None:
+    """The spawner: forks a writer for each byte it reads, sends back its
+    pid and the other end of its socket, and exits when the node closes
+    the control socket (or dies)."""
+    status = 1
+    try:
+        _leave_the_node(control, "counterdb-spawn")
+        writes.leave_the_nodes_signals_to_the_node()
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the writers
+        while control.recv(1):
+            try:
+                parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                pid = os.fork()
+            except OSError as e:
+                socket.send_fds(control, [struct.pack(">i", -1) + str(e).encode()], [])
+                continue
+            if pid == 0:
+                control.close()
+                parent_end.close()
+                _become_writer(child_end, settings)
+            child_end.close()
+            socket.send_fds(control, [struct.pack(">i", pid)], [parent_end.fileno()])
+            parent_end.close()
+        status = 0
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        os._exit(status)
 
 
 def _become_writer(child_end: socket.socket, settings: tuple[str, str, float, int]) -> None:
     status = 1
     try:
-        # The parent's objects are left alone: no collection would free
-        # them anyway, and one would copy every page they share.
-        gc.disable()
-        with contextlib.suppress(OSError):  # Linux: what ps -o comm and top show
-            Path("/proc/self/comm").write_text("counterdb-store")  # 15 characters at most
-        fd = child_end.fileno()
-        os.closerange(3, fd)
-        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        _leave_the_node(child_end, "counterdb-store")
         writes.main(child_end, *settings)
         status = 0
     except BaseException:
@@ -256,8 +371,28 @@ def _become_writer(child_end: socket.socket, settings: tuple[str, str, float, in
         os._exit(status)
 
 
-def _exit_status(pid: int) -> int | None:
-    """``pid``'s exit status if it has exited (reaping it), else None."""
+def _leave_the_node(keep: socket.socket, name: str) -> None:
+    """In a forked child: leave the node's objects alone (no collection
+    would free them anyway, and one would copy every page they share),
+    take ``name`` (what ps -o comm and top show; 15 characters at most),
+    and close every descriptor but ``keep`` and the standard ones."""
+    gc.disable()
+    with contextlib.suppress(OSError):  # Linux only
+        Path("/proc/self/comm").write_text(name)
+    fd = keep.fileno()
+    os.closerange(3, fd)
+    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def _exit_status(pid: int, direct: bool) -> int | None:
+    """``pid``'s exit status if it has exited (reaping it if it is this
+    process's child), else None; -1 when the status is not ours to read."""
+    if not direct:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return -1  # the spawner's child, reaped by the kernel
+        return None
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -265,22 +400,24 @@ def _exit_status(pid: int) -> int | None:
     return os.waitstatus_to_exitcode(status) if done else None
 
 
-def _kill(pid: int) -> int:
+def _kill(pid: int, direct: bool) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    if not direct:
+        return -1
     try:
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     except ChildProcessError:
         return -1
 
 
-def _wait_blocking(pid: int, deadline: float) -> int:
+def _wait_blocking(pid: int, direct: bool, deadline: float) -> int:
     while time.monotonic() < deadline:
-        status = _exit_status(pid)
+        status = _exit_status(pid, direct)
         if status is not None:
             return status
         time.sleep(_REAP_INTERVAL / 10)
-    return _kill(pid)
+    return _kill(pid, direct)
 
 
 def _exception(kind: str, message: str) -> Exception:

@@ -223,7 +223,7 @@ def main(connection: socket.socket, db_path: str, synchronous: str, key_window: 
     """The writer process, once forked: open the database at the first
     request (the parent creates or upgrades it after the fork) and answer
     until the parent closes its end."""
-    _leave_the_nodes_signals_to_the_node()
+    leave_the_nodes_signals_to_the_node()
     connection.setblocking(True)
     reader = connection.makefile("rb")
     request: Any = _read_frame(reader)
@@ -268,7 +268,7 @@ def _open(db_path: str, synchronous: str) -> sqlite3.Connection:
 NODE_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
 
 
-def _leave_the_nodes_signals_to_the_node() -> None:
+def leave_the_nodes_signals_to_the_node() -> None:
     """Ignore :data:`NODE_SIGNALS`, and drop every other handler the
     forked node had installed (twistd's, the reactor's)."""
     signal.set_wakeup_fd(-1)

@@ -1153,19 +1153,28 @@ class Nemesis(threading.Thread):
 
 
 def kill_writer(node_pid: int) -> None:
-    """SIGKILL the store writer process of the node ``node_pid``: its child
-    (the node forks one writer at a time)."""
-    children = []
+    """SIGKILL the store writer process of the node ``node_pid``: among its
+    descendants (the writer is a child of the node's spawner), the one
+    named ``counterdb-store``."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == node_pid:
-                children.append(int(entry.name))
-        except (OSError, ValueError):
+            if entry.name.isdigit():
+                name, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+                parents[int(entry.name)], names[int(entry.name)] = int(rest.split()[1]), name
+        except (OSError, ValueError, IndexError):
             continue
-    if not children:
+    family, grown = {node_pid}, True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in family} - family
+        family |= more
+        grown = bool(more)
+    writers = [pid for pid in family if names.get(pid) == "counterdb-store"]
+    if not writers:
         raise AssertionError(f"node {node_pid} has no writer process")
-    for child in children:
-        os.kill(child, signal.SIGKILL)
+    for writer in writers:
+        os.kill(writer, signal.SIGKILL)
 
 
 def _pid(cluster: Any, node: str) -> int:

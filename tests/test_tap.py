@@ -117,11 +117,21 @@ def test_make_service_opens_nothing_until_started(tmp_path: Path) -> None:
 async def test_a_node_whose_store_gave_up_is_not_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A load balancer must stop sending increments to a node that can
     write nothing more: /ready says why, /health still answers."""
-    service = await started("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path))
+    # Writers come from the store's spawner, forked when the store opens:
+    # the patch is in place before, and armed by the marker afterwards.
+    marker, real_main = tmp_path / "armed", writes.main
+
+    def exit_once_armed(*args: object) -> None:
+        if marker.exists():
+            os._exit(3)
+        real_main(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writes, "main", exit_once_armed)
+    service = await started("--port", "tcp:0:interface=127.0.0.9", "--data-dir", str(tmp_path / "data"))
     try:
         base = f"http://127.0.0.9:{service.web.port.getHost().port}"
         assert (await treq.get(f"{base}/ready")).code == 200
-        monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+        marker.touch()
         os.kill(service.storage.store._writer.pid, signal.SIGKILL)  # type: ignore[union-attr]
         response = await treq.post(f"{base}/counter/c", data=b"1")
         assert response.code == 503
@@ -144,14 +154,15 @@ def test_an_unusable_data_dir_stops_the_start_with_the_reason(tmp_path: Path) ->
 
 
 def _writer_processes() -> list[int]:
-    """This process's children named as the store's writer."""
+    """This process's children named as the store's writer or its spawner."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
             stat = (entry / "stat").read_text()
         except (OSError, NotADirectoryError):
             continue
-        if stat.rsplit(")", 1)[1].split()[1] == str(os.getpid()) and "(counterdb-store)" in stat:
+        named = "(counterdb-store)" in stat or "(counterdb-spawn)" in stat
+        if stat.rsplit(")", 1)[1].split()[1] == str(os.getpid()) and named:
             found.append(int(entry.name))
     return found
 
@@ -166,7 +177,8 @@ async def started(*args: str) -> CounterDBService:
 @pytest_twisted.ensureDeferred
 async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path) -> None:
     service = await started("--port", "tcp:0:interface=127.0.0.9", "--actors", "127.0.0.9", "--data-dir", str(tmp_path))
-    writer = service.storage.store._writer.pid  # type: ignore[union-attr]
+    writer = service.storage.store._writer  # type: ignore[union-attr]
+    processes = [writer.pid, writer.spawner_pid]
     try:
         port = service.web.port.getHost().port
         base = f"http://127.0.0.9:{port}"
@@ -182,8 +194,8 @@ async def test_service_serves_on_a_real_socket_and_stops_cleanly(tmp_path: Path)
     assert service.web.port is None
     lock = tmp_path / "counterdb.lock"
     assert lock.read_text().strip() == str(os.getpid())
-    with pytest.raises(ChildProcessError):  # the store's writer process exited and was reaped
-        os.waitpid(writer, os.WNOHANG)
+    for pid in processes:  # the store's writer and spawner exited, and no zombie is left
+        assert not Path(f"/proc/{pid}").exists()
 
 
 @pytest_twisted.ensureDeferred

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -36,6 +37,21 @@ def gone(pid: int) -> bool:
         return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return True
+
+
+def armed(marker: Path, broken: Any, working: Any) -> Any:
+    """``broken`` once ``marker`` exists, ``working`` before. Writers are
+    forked by the store's spawner, forked when the store opened: a patch
+    must be in place before that, and armed later, by the marker."""
+
+    def choose(*args: Any, **kwargs: Any) -> Any:
+        return (broken if marker.exists() else working)(*args, **kwargs)
+
+    return choose
+
+
+def exit_at_once(*args: Any) -> None:
+    os._exit(3)
 
 
 def wait_until(condition: object, seconds: float = 10.0) -> None:
@@ -75,7 +91,7 @@ async def test_a_killed_writer_is_replaced_and_the_commit_it_held_is_acknowledge
 async def test_a_writer_that_keeps_dying_fails_increments_and_reads_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+    monkeypatch.setattr(writes, "main", exit_at_once)
     store = SqliteStore(str(tmp_path), reactor)
     try:
         node = Node(store)
@@ -137,19 +153,19 @@ def test_the_writer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
         from twisted.internet import reactor
         from counterdb.store import SqliteStore
         store = SqliteStore({str(tmp_path)!r}, reactor)
-        print(store._writer.pid, flush=True)
+        print(store._writer.pid, store._writer.spawner_pid, flush=True)
         time.sleep(60)
         """
     )
     node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert node.stdout is not None
-        child = int(node.stdout.readline())
-        assert not gone(child)
+        writer, spawner = map(int, node.stdout.readline().split())
+        assert not gone(writer) and not gone(spawner)
     finally:
         node.kill()
         node.wait()
-    wait_until(lambda: gone(child))
+    wait_until(lambda: gone(writer) and gone(spawner))
 
 
 def test_frames_reassemble_whatever_the_reads_cut() -> None:
@@ -176,17 +192,20 @@ def test_operators_can_tell_the_writer_from_its_node(tmp_path: Path) -> None:
 async def test_a_writer_that_cannot_be_replaced_fails_writes_instead_of_hanging(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Out of processes or memory when the writer must be replaced: the
-    commit it held fails (503), it does not wait forever."""
-    store = SqliteStore(str(tmp_path), reactor)
+    """Out of processes or memory when the writer must be replaced (in the
+    spawner, then in the node): the commit it held fails (503), it does
+    not wait forever."""
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    marker = tmp_path / "armed"
+    monkeypatch.setattr(os, "fork", armed(marker, no_fork, os.fork))
+    store = SqliteStore(str(tmp_path / "data"), reactor)
     try:
         node = Node(store)
         await node.increment("c", 1)
-
-        def no_fork() -> int:
-            raise BlockingIOError(11, "Resource temporarily unavailable")
-
-        monkeypatch.setattr(os, "fork", no_fork)
+        marker.touch()
         os.kill(writer_pid(store), signal.SIGSTOP)
         pending = node.increment("c", 1)
         os.kill(writer_pid(store), signal.SIGKILL)
@@ -215,7 +234,9 @@ async def test_replacements_are_counted_and_a_store_that_gave_up_says_why(
     """What /ready and /metrics read: a replaced writer is counted; a
     store that can write nothing more gives the reason (GET /ready then
     answers 503 with it, so load balancers stop sending increments)."""
-    store = SqliteStore(str(tmp_path), reactor)
+    marker = tmp_path / "armed"
+    monkeypatch.setattr(writes, "main", armed(marker, exit_at_once, writes.main))
+    store = SqliteStore(str(tmp_path / "data"), reactor)
     try:
         node = Node(store)
         await node.increment("c", 1)
@@ -223,7 +244,7 @@ async def test_replacements_are_counted_and_a_store_that_gave_up_says_why(
         os.kill(writer_pid(store), signal.SIGKILL)
         assert (await node.increment("c", 1)).value == 2
         assert store.writer_restarts == 1 and store.write_problem() is None
-        monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+        marker.touch()
         os.kill(writer_pid(store), signal.SIGKILL)
         with pytest.raises(StoreUnavailable):
             await node.increment("c", 1)
@@ -240,7 +261,7 @@ async def test_a_commit_made_by_a_writer_that_died_before_answering_counts_once(
     """The worst moment to die: after SQLite's commit, before the answer.
     The new writer is sent the same absolute partials again; the counter
     must not move twice, now or after a restart."""
-    died_once = tmp_path / "died-once"
+    marker, died_once = tmp_path / "armed", tmp_path / "died-once"
     commit = writes.Writes.commit
 
     def commit_then_die_once(self: writes.Writes, rows: list[writes.Row], keys: object = ()) -> None:
@@ -249,13 +270,12 @@ async def test_a_commit_made_by_a_writer_that_died_before_answering_counts_once(
             died_once.touch()
             os._exit(9)
 
+    monkeypatch.setattr(writes.Writes, "commit", armed(marker, commit_then_die_once, commit))
     store = SqliteStore(str(tmp_path / "data"), reactor)
     try:
         node = Node(store)
         await node.increment("c", 5)
-        first = writer_pid(store)
-        monkeypatch.setattr(writes.Writes, "commit", commit_then_die_once)
-        os.kill(first, signal.SIGKILL)  # the next writer is forked with the patch
+        marker.touch()
         ack = await node.increment("c", 2, key="k")
         assert died_once.exists() and ack.value == 7
         assert (await node.increment("c", 2, key="k")).replayed
@@ -282,16 +302,17 @@ async def test_a_writer_that_cannot_open_the_database_says_why_with_every_write(
     def cannot_open(db_path: str, synchronous: str) -> object:
         raise sqlite3.OperationalError("unable to open database file")
 
-    store = SqliteStore(str(tmp_path), reactor)
+    marker = tmp_path / "armed"
+    monkeypatch.setattr(writes, "_open", armed(marker, cannot_open, writes._open))
+    store = SqliteStore(str(tmp_path / "data"), reactor)
     try:
         node = Node(store)
         await node.increment("c", 1)
-        monkeypatch.setattr(writes, "_open", cannot_open)
-        os.kill(writer_pid(store), signal.SIGKILL)  # the next writer is forked with the patch
+        marker.touch()
+        os.kill(writer_pid(store), signal.SIGKILL)
         with pytest.raises(StoreUnavailable, match=r"writer process cannot open .*unable to open database file"):
             await node.increment("c", 1)
         assert store.write_problem() is None  # it answers: not a writer that keeps dying
-        monkeypatch.undo()
     finally:
         store.close()
 
@@ -303,20 +324,72 @@ async def test_a_store_whose_writer_gave_up_still_stops_cleanly(
     """The last writes (peer rows, the clean-stop record) are made from the
     node itself when no writer can make them: a fast-durability node then
     keeps its replica id, and the peer rows are kept."""
-    store = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
+    marker = tmp_path / "armed"
+    monkeypatch.setattr(writes, "main", armed(marker, exit_at_once, writes.main))
+    store = SqliteStore(str(tmp_path / "data"), reactor, StoreSettings(durability="fast"))
     node = Node(store)
     await node.increment("c", 1)
-    monkeypatch.setattr(writes, "main", lambda *args: os._exit(3))
+    marker.touch()
     os.kill(writer_pid(store), signal.SIGKILL)
     with pytest.raises(StoreUnavailable):
         await node.increment("c", 1)
     assert store.write_problem() is not None
     store.write_peers({"c": {"peer": 4}})
     await store.shutdown()
-    monkeypatch.undo()
-    again = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
+    marker.unlink()
+    again = SqliteStore(str(tmp_path / "data"), reactor, StoreSettings(durability="fast"))
     try:
         assert again.replica_id == store.replica_id  # the stop was recorded clean
         assert Node(again).partials("c") == {store.replica_id: 1, "peer": 4}
     finally:
         again.close()
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_writers_come_from_the_spawner_and_from_the_node_once_it_is_gone(tmp_path: Path) -> None:
+    """Forked from a node holding its counters, a writer would keep a copy
+    of every page the node changes (half its memory within minutes at a
+    million counters): writers are forked by the spawner, forked before the
+    node loaded anything. Without the spawner, the node forks them itself."""
+    store = SqliteStore(str(tmp_path), reactor)
+    try:
+        node = Node(store)
+        await node.increment("c", 1)
+        spawner = store._writer.spawner_pid  # type: ignore[union-attr]
+        assert spawner is not None and parent_of(spawner) == os.getpid()
+        assert parent_of(writer_pid(store)) == spawner
+        wait_until(lambda: Path(f"/proc/{spawner}/comm").read_text().strip() == "counterdb-spawn")
+        os.kill(writer_pid(store), signal.SIGKILL)
+        assert (await node.increment("c", 1)).value == 2
+        assert parent_of(writer_pid(store)) == spawner  # the replacement too
+        os.kill(spawner, signal.SIGKILL)
+        os.kill(writer_pid(store), signal.SIGKILL)
+        assert (await node.increment("c", 1)).value == 3
+        assert parent_of(writer_pid(store)) == os.getpid()  # forked from the node, logged
+        assert store._writer.spawner_pid is None  # type: ignore[union-attr]
+    finally:
+        store.close()
+    again = SqliteStore(str(tmp_path), reactor)
+    try:
+        assert Node(again).value("c") == 3
+    finally:
+        again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_spawner_holds_nothing_of_the_node_and_leaves_with_the_store(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path), reactor)
+    spawner = store._writer.spawner_pid  # type: ignore[union-attr]
+    assert spawner is not None
+
+    def descriptors() -> list[int]:
+        return [int(fd) for fd in os.listdir(f"/proc/{spawner}/fd") if int(fd) > 2]
+
+    wait_until(lambda: len(descriptors()) == 1)  # once it closed what it inherited
+    assert stat.S_ISSOCK(os.stat(f"/proc/{spawner}/fd/{descriptors()[0]}").st_mode)
+    await store.shutdown()
+    assert gone(spawner) and gone(writer_pid(store))
