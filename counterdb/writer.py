@@ -93,7 +93,7 @@ class WriterProcess:
         try:
             self._start_child()
         except BaseException:
-            self._spawner.close()
+            self._close_spawner()
             raise
 
     @property

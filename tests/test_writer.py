@@ -345,6 +345,19 @@ async def test_a_store_whose_writer_gave_up_still_stops_cleanly(
         again.close()
 
 
+def children_named(name: str) -> list[int]:
+    """This process's children (zombies included) whose name is ``name``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            comm, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        if comm == name and int(rest.split()[1]) == os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -393,3 +406,23 @@ async def test_the_spawner_holds_nothing_of_the_node_and_leaves_with_the_store(t
     assert stat.S_ISSOCK(os.stat(f"/proc/{spawner}/fd/{descriptors()[0]}").st_mode)
     await store.shutdown()
     assert gone(spawner) and gone(writer_pid(store))
+
+
+def test_a_store_whose_spawner_cannot_fork_a_writer_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spawner starts, but neither it nor the node can fork a writer
+    (out of processes): the store refuses to open, with the reason, and
+    leaves nothing running."""
+    real_fork, forks = os.fork, []
+
+    def only_the_first_fork() -> int:
+        forks.append(1)  # each process counts its own forks from here
+        if len(forks) > 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", only_the_first_fork)
+    with pytest.raises(StoreError, match="cannot start the store's writer process"):
+        SqliteStore(str(tmp_path), reactor)
+    monkeypatch.undo()
+    assert not children_named("counterdb-spawn")  # the spawner was stopped and reaped
+    SqliteStore(str(tmp_path), reactor).close()  # the data dir was released
