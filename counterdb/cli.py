@@ -12,9 +12,8 @@
 
 Exit status: 0 when it worked, 1 on an error (one line on stderr, starting
 ``counterdb:``), 2 on a usage error. ``cluster-status`` exits 1 when a node
-does not answer, the actors lists differ, a replica id conflicts, a node
-cannot reach a peer that answers us, or a node's store can write nothing
-more. The
+does not answer, the actors lists differ, a replica id conflicts, or a
+node's store can write nothing more. The
 ``--help`` texts are plain text for a terminal; this docstring is for
 readers of the code. Also runs as ``python -m counterdb.cli``.
 """
@@ -88,9 +87,8 @@ of its peers whether it reaches it and how many counters wait to be pushed to
 it ("dirty"; 0 everywhere means every change has been pushed).
 
 Exits 1 if a node did not answer, the lists differ, a node reports a
-replica id conflict, a node cannot reach a peer that answers here (a
-partition between nodes), or a node's store can write nothing more until
-it is restarted.
+replica id conflict, or a node's store can write nothing more until it is
+restarted.
 """
 
 
@@ -508,17 +506,6 @@ def cluster_problems(reports: list[NodeReport]) -> list[str]:
     stuck = [r.entry for r in reports if r.status is not None and r.status.get("store_problem")]
     if stuck:
         problems.append(f"the store can write nothing more until a restart on {', '.join(stuck)}")
-    # A node that answers us but not its peer: a partition between nodes
-    # (a silent node is said above already).
-    cut = [
-        f"{r.entry} -> {peer.get('entry')}"
-        for r in reports
-        if r.status is not None
-        for peer in (r.status.get("peers") or {}).values()
-        if peer.get("reachable") is False and peer.get("entry") not in silent
-    ]
-    if cut:
-        problems.append(f"nodes that cannot reach a peer: {', '.join(cut)}")
     return problems
 
 

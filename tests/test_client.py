@@ -496,10 +496,10 @@ def test_remove_posts_the_list_without_the_host_and_refuses_a_stranger() -> None
         cli._remove(node, argparse.Namespace(leaving="10.0.0.9", json=False), None, out)
 
 
-def test_cluster_status_flags_partitions_between_nodes_and_stuck_stores() -> None:
-    """Every node answers the operator, yet n1 cannot reach n2 (a
-    partition between nodes) and n3's store gave up: both must fail the
-    check, or a green cluster-status would hide them."""
+def test_cluster_status_flags_stuck_stores() -> None:
+    """Every node answers the operator, yet n3's store gave up: that must
+    fail the check, or a green cluster-status would hide it. A peer shown
+    unreachable does not: one failed exchange (a busy moment) shows so."""
 
     def report(entry: str, peers: dict[str, bool | None], problem: str | None = None) -> NodeReport:
         status = {
@@ -508,16 +508,7 @@ def test_cluster_status_flags_partitions_between_nodes_and_stuck_stores() -> Non
         }
         return NodeReport(entry, f"http://{entry}:8080", status=status, config={}, answered=True, same_actors=True)
 
-    healthy = [report("n1", {"n2": True, "n3": None}), report("n2", {"n1": True}), report("n3", {"n1": True})]
-    assert cluster_problems(healthy) == []  # never asked yet (None) is no problem
-    reports = [
-        report("n1", {"n2": False, "n3": True}),
-        report("n2", {"n1": True}),
-        report("n3", {"n1": True}, problem="the store's writer process is gone"),
-    ]
-    assert cluster_problems(reports) == [
-        "the store can write nothing more until a restart on n3",
-        "nodes that cannot reach a peer: n1 -> n2",
-    ]
-    silent = [report("n1", {"n2": False}), NodeReport("n2", "http://n2:8080", error="no answer")]
-    assert cluster_problems(silent) == ["1 of 2 nodes did not answer: n2"]  # said once, not twice
+    healthy = [report("n1", {"n2": False, "n3": None}), report("n2", {"n1": True}), report("n3", {"n1": True})]
+    assert cluster_problems(healthy) == []
+    reports = [*healthy[:2], report("n3", {"n1": True}, problem="the store's writer process is gone")]
+    assert cluster_problems(reports) == ["the store can write nothing more until a restart on n3"]
