@@ -331,8 +331,8 @@ def _become_spawner(control: socket.socket, settings: tuple[str, str, float, int
     """The spawner: forks a writer for each byte it reads, sends back its
     pid and the other end of its socket, and exits when the node closes
     the control socket (or dies)."""
-    status = 1
-    try:
+
+    def serve() -> None:
         _leave_the_node(control, "counterdb-spawn")
         writes.leave_the_nodes_signals_to_the_node()
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the writers
@@ -350,19 +350,25 @@ def _become_spawner(control: socket.socket, settings: tuple[str, str, float, int
             child_end.close()
             socket.send_fds(control, [struct.pack(">i", pid)], [parent_end.fileno()])
             parent_end.close()
-        status = 0
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        os._exit(status)
+
+    _run_and_exit(serve)
 
 
 def _become_writer(child_end: socket.socket, settings: tuple[str, str, float, int]) -> None:
-    status = 1
-    try:
+    def serve() -> None:
         _leave_the_node(child_end, "counterdb-store")
         writes.main(child_end, *settings)
+
+    _run_and_exit(serve)
+
+
+def _run_and_exit(body: Any) -> None:
+    """A forked child's whole life: ``body()``, then exit (status 1, with
+    the traceback on stderr, if it raised) without returning into the
+    node's code."""
+    status = 1
+    try:
+        body()
         status = 0
     except BaseException:
         with contextlib.suppress(Exception):

@@ -343,6 +343,20 @@ async def test_peer_rows_written_in_bulk_read_back_exactly(tmp_path: Path, opene
     assert loaded == expected
 
 
+def peer_writes_of(store: SqliteStore) -> list[int]:
+    """The sizes of the peer-row writes ``store`` hands its writer from now on."""
+    sizes: list[int] = []
+    call = store._writer.call  # type: ignore[union-attr]
+
+    def recording(operation: str, *args: object) -> object:
+        if operation == "commit_peers":
+            sizes.append(len(args[0]))  # type: ignore[arg-type]
+        return call(operation, *args)
+
+    store._writer.call = recording  # type: ignore[method-assign,union-attr]
+    return sizes
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_large_peer_backlog_goes_to_the_writer_in_chunks(tmp_path: Path, opened: list[SqliteStore]) -> None:
     """A node catching up gathers hundreds of thousands of peer rows a
@@ -350,15 +364,7 @@ async def test_a_large_peer_backlog_goes_to_the_writer_in_chunks(tmp_path: Path,
     second per million. They go in chunks, one transaction each, and all
     arrive."""
     store = open_store(opened, tmp_path)
-    sizes: list[int] = []
-    call = store._writer.call
-
-    def recording(operation: str, *args: object) -> object:
-        if operation == "commit_peers":
-            sizes.append(len(args[0]))  # type: ignore[arg-type]
-        return call(operation, *args)
-
-    store._writer.call = recording  # type: ignore[method-assign]
+    sizes = peer_writes_of(store)
     store.write_peers({f"c{i}": {"p": i + 1} for i in range(PEER_ROWS_PER_WRITE * 2 + 7)})
     await store.flush()
     assert sizes == [PEER_ROWS_PER_WRITE, PEER_ROWS_PER_WRITE, 7]
@@ -369,15 +375,7 @@ async def test_a_large_peer_backlog_goes_to_the_writer_in_chunks(tmp_path: Path,
 @pytest_twisted.ensureDeferred
 async def test_a_shutdown_during_a_flush_still_writes_every_peer_row(tmp_path: Path, opened: list[SqliteStore]) -> None:
     store = open_store(opened, tmp_path)
-    sent: list[int] = []
-    call = store._writer.call
-
-    def recording(operation: str, *args: object) -> object:
-        if operation == "commit_peers":
-            sent.append(len(args[0]))  # type: ignore[arg-type]
-        return call(operation, *args)
-
-    store._writer.call = recording  # type: ignore[method-assign]
+    sent = peer_writes_of(store)
     rows = PEER_ROWS_PER_WRITE * 40
     store.write_peers({f"c{i}": {"p": 1} for i in range(rows)})
     flushing = store.flush()

@@ -3,6 +3,7 @@ meant for its node, gone with its node, and holding nothing of the node's."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,16 @@ from counterdb.store import SqliteStore, StoreError, StoreSettings
 from counterdb.writer import MAX_RESTARTS
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def reopened(path: Path, durability: str = "full") -> Iterator[SqliteStore]:
+    """The store at ``path`` opened again, as after a restart; closed afterwards."""
+    store = SqliteStore(str(path), reactor, StoreSettings(durability=durability))
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def writer_pid(store: SqliteStore) -> int:
@@ -58,7 +70,7 @@ def wait_until(condition: object, seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"not true within {seconds} s: {condition}"
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll again until the deadline
 
 
 @pytest_twisted.ensureDeferred
@@ -80,11 +92,8 @@ async def test_a_killed_writer_is_replaced_and_the_commit_it_held_is_acknowledge
         assert (await node.increment("c", 4)).value == 7
     finally:
         store.close()
-    again = SqliteStore(str(tmp_path), reactor)
-    try:
+    with reopened(tmp_path) as again:
         assert Node(again).value("c") == 7
-    finally:
-        again.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -117,12 +126,9 @@ async def test_the_writer_outlives_the_signals_meant_for_its_node(tmp_path: Path
         os.kill(writer_pid(store), sig)
     assert (await node.increment("c", 1)).value == 2
     await store.shutdown()
-    again = SqliteStore(str(tmp_path), reactor, StoreSettings(durability="fast"))
-    try:
+    with reopened(tmp_path, "fast") as again:
         assert again.replica_id == store.replica_id  # the stop was recorded clean
         assert Node(again).value("c") == 2
-    finally:
-        again.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -148,13 +154,13 @@ async def test_the_writer_holds_no_descriptor_of_its_node(tmp_path: Path) -> Non
 def test_the_writer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
-        import sys, time
+        import signal, sys
         sys.path.insert(0, {str(ROOT)!r})
         from twisted.internet import reactor
         from counterdb.store import SqliteStore
         store = SqliteStore({str(tmp_path)!r}, reactor)
         print(store._writer.pid, store._writer.spawner_pid, flush=True)
-        time.sleep(60)
+        signal.pause()  # until the test kills it
         """
     )
     node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -282,13 +288,10 @@ async def test_a_commit_made_by_a_writer_that_died_before_answering_counts_once(
         assert node.value("c") == 7
     finally:
         store.close()
-    again = SqliteStore(str(tmp_path / "data"), reactor)
-    try:
+    with reopened(tmp_path / "data") as again:
         node = Node(again)
         assert node.value("c") == 7
         assert (await node.increment("c", 2, key="k")).replayed and node.value("c") == 7
-    finally:
-        again.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -337,12 +340,9 @@ async def test_a_store_whose_writer_gave_up_still_stops_cleanly(
     store.write_peers({"c": {"peer": 4}})
     await store.shutdown()
     marker.unlink()
-    again = SqliteStore(str(tmp_path / "data"), reactor, StoreSettings(durability="fast"))
-    try:
+    with reopened(tmp_path / "data", "fast") as again:
         assert again.replica_id == store.replica_id  # the stop was recorded clean
         assert Node(again).partials("c") == {store.replica_id: 1, "peer": 4}
-    finally:
-        again.close()
 
 
 def children_named(name: str) -> list[int]:
@@ -386,11 +386,8 @@ async def test_writers_come_from_the_spawner_and_from_the_node_once_it_is_gone(t
         assert store._writer.spawner_pid is None  # type: ignore[union-attr]
     finally:
         store.close()
-    again = SqliteStore(str(tmp_path), reactor)
-    try:
+    with reopened(tmp_path) as again:
         assert Node(again).value("c") == 3
-    finally:
-        again.close()
 
 
 @pytest_twisted.ensureDeferred
