@@ -233,6 +233,12 @@ class Node:
         assert response.status == 200, f"POST /counter/{name}: {response!r}\n{self.logs()}"
         return int(response.text)
 
+    def ready(self) -> bool:
+        try:
+            return http_request(f"{self.url}/ready", timeout=INCREMENT_TIMEOUT).status == 200
+        except OSError:
+            return False
+
     def value(self, name: str) -> int:
         response = http_request(f"{self.url}/counter/{name}/value", timeout=INCREMENT_TIMEOUT)
         assert response.status == 200, f"GET /counter/{name}/value: {response!r}\n{self.logs()}"
@@ -384,9 +390,13 @@ def test_uid_gid_leave_every_data_file_to_that_user(foreground: bool) -> None:
             if foreground:
                 process = node.start_foreground()
                 pid = process.pid
-                wait_until(lambda: (node.data_dir / DB_FILE).exists(), SETTLE_TIMEOUT, details=node.logs)
             else:
                 pid = node.start_daemon()
+            # Listening comes first (the port is bound before privileges are
+            # dropped), the store after: its files are settled only once the
+            # node is ready (while the schema is created, a -journal comes
+            # and goes).
+            wait_until(lambda: node.ready(), SETTLE_TIMEOUT, message="GET /ready answering 200", details=node.logs)
             assert process_uid(pid) == uid, node.logs()
             assert_owned_by(node.data_dir, uid, node.logs)
             assert node.increment("owned", 3) == 3
