@@ -66,8 +66,10 @@ class WriterError(Exception):
 class WriterProcess:
     """One writer child at a time, restarted when it dies unasked.
 
-    ``before_fork`` is called before every fork after the first: the store
-    closes its own SQLite connection there (it reopens one when it needs it)."""
+    ``before_fork`` is called before the node forks a writer itself (only
+    once the spawner is gone): the store closes its own SQLite connection
+    there, as a connection must not cross a fork (it reopens one when it
+    needs it)."""
 
     def __init__(
         self,
@@ -180,10 +182,7 @@ class WriterProcess:
                 )
                 self._close_spawner()
         self._before_fork()
-        try:
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as e:
-            raise WriterError(f"cannot start the store's writer process: {e}") from None
+        parent_end, child_end = _socketpair()
         try:
             return _fork(lambda: _become_writer(child_end, self._settings)), parent_end, True
         except BaseException:
@@ -276,10 +275,7 @@ class _Spawner:
     back the writer's pid and this end of the writer's socket."""
 
     def __init__(self, settings: tuple[str, str, float, int]) -> None:
-        try:
-            self.control, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as e:
-            raise WriterError(f"cannot start the store's writer process: {e}") from None
+        self.control, spawner_end = _socketpair()
         try:
             self.pid = _fork(lambda: _become_spawner(spawner_end, settings))
         except BaseException:
@@ -310,6 +306,13 @@ class _Spawner:
         """Close the control socket: the spawner exits at once."""
         self.control.close()
         _wait_blocking(self.pid, True, time.monotonic() + STOP_TIMEOUT)
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    try:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as e:  # out of descriptors
+        raise WriterError(f"cannot start the store's writer process: {e}") from None
 
 
 def _fork(become: Any) -> int:
